@@ -1,0 +1,278 @@
+"""Checkpoints: save_pretrained / from_pretrained, shipped-weight names, official imports.
+
+A Tessera model is a config dataclass plus an nn.Module registered by architecture name:
+
+    @register_model("liif")
+    class LIIF(nn.Module):
+        config_class = LIIFConfig
+        def __init__(self, config): ...
+
+`save_pretrained(model, dir)` writes config.json ({"architecture", "config"}) and
+model.safetensors. `from_pretrained(name_or_dir)` reads a directory, a single .safetensors
+file with a config.json beside it, or a name listed in weights/index.json (whose sha256 is
+verified before anything is loaded). Official checkpoints (.pth/.pt/.ckpt) are read with
+`torch.load(weights_only=True)` only; each family maps the keys in its own module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_DIR = Path(os.environ.get("TESSERA_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+class HubError(ValueError):
+    """A checkpoint that cannot be used as asked: unknown name, bad hash, bad keys, unsafe pickle."""
+
+
+def register_model(name: str):
+    """Class decorator: make an architecture loadable by name from config.json."""
+
+    def wrap(cls):
+        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+            raise TypeError(f"{cls.__name__} needs a dataclass `config_class` to be registered")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"architecture {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY[name] = cls
+        cls.architecture = name
+        return cls
+
+    return wrap
+
+
+def registered_models() -> dict[str, type[nn.Module]]:
+    _import_model_packages()
+    return dict(_REGISTRY)
+
+
+def _import_model_packages() -> None:
+    """Registration happens on import; import every package that defines models (cheap, no weights)."""
+    import importlib
+    import pkgutil
+
+    for pkg_name in ("vision.decoders", "vision.metrics", "tokenizers", "generators", "segmentation"):
+        try:
+            pkg = importlib.import_module(pkg_name)
+        except ModuleNotFoundError:
+            continue
+        for info in pkgutil.walk_packages(pkg.__path__, pkg_name + "."):
+            importlib.import_module(info.name)
+
+
+# ---------------------------------------------------------------- config (de)serialisation
+
+
+def config_to_dict(config: Any) -> dict:
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}")
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config dataclass exactly: tuples come back as tuples, nested configs as dataclasses."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise HubError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value)
+            except (TypeError, ValueError, HubError):
+                continue
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return config_from_dict(tp, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("expected a sequence")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        if args:
+            return tuple(_coerce(a, v) for a, v in zip(args, value))
+        return tuple(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("expected a sequence")
+        return [_coerce(args[0], v) if args else v for v in value]
+    if origin is dict:
+        return {k: _coerce(args[1], v) if args else v for k, v in value.items()}
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write config.json + model.safetensors into `directory`, each atomically."""
+    arch = getattr(type(model), "architecture", None)
+    if arch is None:
+        raise TypeError(f"{type(model).__name__} is not registered with @register_model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"architecture": arch}))
+    payload = {"architecture": arch, "config": config_to_dict(model.config)}
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n"))
+    return directory
+
+
+def build_model(architecture: str, config: dict | Any) -> nn.Module:
+    registry = registered_models() if architecture not in _REGISTRY else _REGISTRY
+    if architecture not in registry:
+        raise HubError(f"unknown architecture {architecture!r}; known: {', '.join(sorted(registry)) or 'none'}")
+    cls = registry[architecture]
+    cfg = config if dataclasses.is_dataclass(config) else config_from_dict(cls.config_class, config)
+    return cls(cfg)
+
+
+def from_pretrained(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model from a directory, a .safetensors file with config.json beside it, or a shipped name."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    elif path.suffix == ".safetensors" and path.is_file():
+        config_path, weights_path = path.parent / CONFIG_NAME, path
+    else:
+        return _from_index(str(name_or_path), device)
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise HubError(f"{p} is missing; a saved model is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    payload = json.loads(config_path.read_text())
+    return _instantiate(payload["architecture"], payload["config"], weights_path, device)
+
+
+def _instantiate(arch: str, config: dict, weights_path: Path, device) -> nn.Module:
+    model = build_model(arch, config)
+    state = load_file(str(weights_path))
+    missing, unexpected = _key_diff(model.state_dict(), state)
+    if missing or unexpected:
+        raise HubError(f"{weights_path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def _key_diff(expected: dict, got: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+def read_index(weights_dir: Path | None = None) -> dict[str, dict]:
+    index = (weights_dir or WEIGHTS_DIR) / "index.json"
+    return json.loads(index.read_text()) if index.is_file() else {}
+
+
+def _from_index(name: str, device, weights_dir: Path | None = None) -> nn.Module:
+    weights_dir = weights_dir or WEIGHTS_DIR
+    index = read_index(weights_dir)
+    if name not in index:
+        known = ", ".join(sorted(index)) or "none shipped"
+        raise HubError(f"no model named {name!r} (not a folder or file either); shipped models: {known}")
+    entry = index[name]
+    file = weights_dir / entry["file"]
+    if not file.is_file():
+        raise HubError(f"{name}: weights file {file} is missing")
+    digest = sha256_file(file)
+    if digest != entry["sha256"]:
+        raise HubError(f"{name}: sha256 of {file} is {digest[:12]}..., index.json says {entry['sha256'][:12]}...; refusing to load")
+    return _instantiate(entry["architecture"], entry["config"], file, device)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def register_shipped(name: str, model: nn.Module, *, kind: str, trained_with: str, data: str,
+                     train_time: str, metrics: dict[str, float], weights_dir: Path | None = None,
+                     **extra: Any) -> dict:
+    """Write weights/<name>.safetensors and its index.json entry (file, sha256, config, provenance)."""
+    weights_dir = weights_dir or WEIGHTS_DIR
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    file = weights_dir / f"{name}.safetensors"
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write(file, lambda p: save_file(state, str(p), metadata={"architecture": type(model).architecture}))
+    entry = {
+        "file": file.name,
+        "sha256": sha256_file(file),
+        "kind": kind,
+        "architecture": type(model).architecture,
+        "config": config_to_dict(model.config),
+        "trained_with": trained_with,
+        "data": data,
+        "train_time": train_time,
+        "metrics": metrics,
+        **extra,
+    }
+    index = read_index(weights_dir)
+    index[name] = entry
+    _atomic_write(weights_dir / "index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
+    return entry
+
+
+# ---------------------------------------------------------------- official checkpoints
+
+
+def load_official_state_dict(path: str | os.PathLike) -> Any:
+    """Read an official .pth/.pt/.ckpt with torch.load(weights_only=True): tensors and containers only.
+
+    A file that needs anything else to unpickle (a class, a function: code that would run) is
+    refused with HubError; nothing from it is executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HubError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f"{path}: refusing to unpickle objects that are not tensors or plain containers ({first})") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise HubError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

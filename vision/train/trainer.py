@@ -1,0 +1,362 @@
+"""The training loop every trainer in apps/ shares.
+
+A trainer builds its models, optimizers and one or more `Phase`s (a loss, the optimizer it
+drives, and when it is active: a GAN has a generator phase and a discriminator phase), then
+calls `Trainer.fit`. The toolkit owns everything else: process group, data order, gradient
+accumulation (with DDP's no_sync), AMP, gradient clipping, schedulers, EMA, checkpoints that
+resume bit for bit, metrics (JSONL + PNG), progress, and a clean stop on a non-finite loss.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from vision.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vision.train.distributed import DistInfo, all_reduce_mean, barrier, setup_distributed
+from vision.train.ema import EMA
+from vision.train.sampler import ResumableSampler, SeededDataset
+
+LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN/inf; the last checkpoint written before it is intact."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    max_steps: int
+    batch_size: int  # global: samples per optimizer step over all processes and accumulation steps
+    grad_accum: int = 1
+    seed: int = 0
+    amp: str = "none"  # none | bf16 | fp16
+    ema_decay: float | None = None
+    checkpoint_every: int = 500
+    log_every: int = 10
+    num_workers: int = 0
+    resume: bool = False
+    quiet: bool = False
+    device: str = "cpu"
+
+
+@dataclass
+class Phase:
+    """One optimizer update per step: loss(batch, step) -> (loss, metrics), summed over micro-batches."""
+
+    name: str
+    optimizer: str
+    loss: LossFn
+    models: tuple[str, ...] = ()  # models whose DDP gradient sync this phase drives
+    clip_grad_norm: float | None = None
+    active: Callable[[int], bool] = field(default=lambda step: True)
+
+
+def add_train_args(parser: argparse.ArgumentParser, *, batch_size: int, max_steps: int,
+                   checkpoint_every: int = 500, log_every: int = 10) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, curves.png, final model")
+    g.add_argument("--steps", type=int, default=max_steps, help="optimizer steps in total")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision")
+    g.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
+    g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
+    g.add_argument("--log-every", type=int, default=log_every, help="steps between metric lines")
+    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+
+
+def train_config_from_args(args: argparse.Namespace, device: str) -> TrainConfig:
+    return TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       seed=args.seed, amp=args.amp, ema_decay=args.ema, checkpoint_every=args.checkpoint_every,
+                       log_every=args.log_every, num_workers=args.workers, resume=args.resume, quiet=args.quiet,
+                       device=device)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dataset, *, collate_fn=None):
+        c = self.config = config
+        for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+        if c.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be none, bf16 or fp16, got {c.amp!r}")
+        self.dist: DistInfo = setup_distributed(torch.device(c.device))
+        self.device = self.dist.device
+        per_rank = c.batch_size // self.dist.world_size
+        if c.batch_size % (self.dist.world_size * c.grad_accum):
+            raise ValueError(f"batch size {c.batch_size} must divide into {self.dist.world_size} processes x "
+                             f"{c.grad_accum} accumulation steps")
+        self.micro_batch = per_rank // c.grad_accum
+        self.sampler = ResumableSampler(len(dataset), c.batch_size, rank=self.dist.rank,
+                                        world_size=self.dist.world_size, seed=c.seed)
+        self.loader = DataLoader(SeededDataset(dataset, c.seed), batch_size=self.micro_batch, sampler=self.sampler,
+                                 num_workers=c.num_workers, collate_fn=collate_fn, drop_last=False,
+                                 persistent_workers=False, pin_memory=self.device.type == "cuda",
+                                 # its own generator: creating an iterator must not consume the global RNG
+                                 generator=torch.Generator().manual_seed(c.seed))
+        self.out = Path(c.out_dir)
+        self.ckpt_path = self.out / "checkpoints" / "latest.pt"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.models: dict[str, nn.Module] = {}
+        self.raw: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
+        self.ema: EMA | None = None
+        self.ema_of: str | None = None
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp == "fp16" and self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ set-up
+
+    def prepare(self, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                schedulers: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None,
+                ema_of: str | None = None) -> dict[str, nn.Module]:
+        """Move models to the device, wrap trainable ones in DDP, attach EMA. Returns the models to call."""
+        for name, model in models.items():
+            model.to(self.device)
+            self.raw[name] = model
+            trainable = any(p.requires_grad for p in model.parameters())
+            if self.dist.distributed and trainable:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.models[name] = DDP(model, device_ids=ids)
+            else:
+                self.models[name] = model
+        self.optimizers = optimizers
+        self.schedulers = schedulers or {}
+        self.extra = extra_state or {}
+        if self.config.ema_decay is not None:
+            self.ema_of = ema_of or next(iter(models))
+            self.ema = EMA(self.raw[self.ema_of], self.config.ema_decay)
+        if self.config.resume:
+            self._resume()
+        elif self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+        barrier(self.dist)
+        return self.models
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        rngs = [None] * self.dist.world_size
+        if self.dist.distributed:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        return {
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "world_size": self.dist.world_size,
+            "config": asdict(self.config),
+            "models": {k: m.state_dict() for k, m in self.raw.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "extra": {k: s.state_dict() for k, s in self.extra.items()},
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+        }
+
+    def save(self) -> None:
+        state = self.state_dict()  # collective: every rank takes part
+        if self.dist.is_main:
+            save_checkpoint(state, self.ckpt_path)
+        barrier(self.dist)
+
+    def _resume(self) -> None:
+        if not self.ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
+        state = load_checkpoint(self.ckpt_path)
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(f"checkpoint was written by {state['world_size']} processes, resuming with "
+                             f"{self.dist.world_size}; RNG streams would differ")
+        for k, m in self.raw.items():
+            m.load_state_dict(state["models"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        for k, s in self.extra.items():
+            s.load_state_dict(state["extra"][k])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        set_rng_state(state["rng"][self.dist.rank])
+        if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the checkpoint
+            lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    # ------------------------------------------------------------------ loop
+
+    def _batches(self) -> Iterator[Any]:
+        while True:
+            self.sampler.set_position(self.epoch, self.step_in_epoch)
+            yield from self.loader  # fit() moves to the next epoch when the last step of this one is done
+
+    def _autocast(self):
+        if self.config.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _no_sync(self, names: tuple[str, ...], sync: bool):
+        stack = contextlib.ExitStack()
+        if not sync:
+            for n in names:
+                m = self.models.get(n)
+                if isinstance(m, DDP):
+                    stack.enter_context(m.no_sync())
+        return stack
+
+    def fit(self, phases: list[Phase], on_checkpoint: Callable[["Trainer"], None] | None = None) -> dict[str, float]:
+        """Run until config.max_steps; returns the last logged metrics."""
+        from vision.cli import progress
+
+        c = self.config
+        batches = self._batches()
+        bar = progress(total=c.max_steps, initial=self.step, quiet=c.quiet, desc="train")
+        last: dict[str, float] = {}
+        window: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        try:
+            while self.step < c.max_steps:
+                micro = [_to_device(next(batches), self.device) for _ in range(c.grad_accum)]
+                metrics = self._train_step(phases, micro)
+                self.step += 1
+                self.step_in_epoch += 1
+                if self.step_in_epoch == self.sampler.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                for k, v in metrics.items():
+                    window.setdefault(k, []).append(v)
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == c.max_steps:
+                    last = {k: sum(v) / len(v) for k, v in window.items()}
+                    window = {}
+                    self._log(last, time.perf_counter() - t0)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:4]})
+                if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
+                    self.save()
+                    if on_checkpoint is not None:
+                        on_checkpoint(self)
+        finally:
+            bar.close()
+        if self.dist.is_main:
+            self.plot()
+        return last
+
+    def _train_step(self, phases: list[Phase], micro: list[Any]) -> dict[str, float]:
+        c = self.config
+        totals: dict[str, torch.Tensor] = {}
+        for phase in phases:
+            if not phase.active(self.step):
+                continue
+            opt = self.optimizers[phase.optimizer]
+            opt.zero_grad(set_to_none=True)
+            for i, batch in enumerate(micro):
+                with self._no_sync(phase.models, sync=i == len(micro) - 1), self._autocast():
+                    loss, parts = phase.loss(batch, self.step)
+                self.scaler.scale(loss / c.grad_accum).backward()
+                for k, v in {f"{phase.name}_loss": loss, **parts}.items():
+                    v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+                    totals[k] = totals.get(k, 0.0) + v / len(micro)
+            names = list(totals)
+            vec = all_reduce_mean(torch.stack([totals[k] for k in names]), self.dist)
+            if not torch.isfinite(vec).all():
+                bad = [k for k, v in zip(names, vec.tolist()) if not math.isfinite(v)]
+                raise TrainingDiverged(
+                    f"{', '.join(bad)} became non-finite at step {self.step + 1}; the last checkpoint "
+                    f"({self.ckpt_path}) is from an earlier step and intact")
+            totals = dict(zip(names, vec))
+            if phase.clip_grad_norm is not None:
+                self.scaler.unscale_(opt)
+                params = [p for g in opt.param_groups for p in g["params"]]
+                totals[f"{phase.name}_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, phase.clip_grad_norm).double().cpu()
+            self.scaler.step(opt)
+            self.scaler.update()
+        for s in self.schedulers.values():
+            s.step()
+        if self.ema is not None:
+            self.ema.update(self.raw[self.ema_of])
+        for k, opt in self.optimizers.items():
+            totals[f"lr_{k}"] = torch.tensor(opt.param_groups[0]["lr"], dtype=torch.float64)
+        return {k: float(v) for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, metrics: dict[str, float], elapsed: float) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": self.step, "epoch": self.epoch, "time_s": round(elapsed, 3), **metrics}) + "\n")
+
+    def plot(self) -> Path | None:
+        return plot_metrics(self.metrics_path, self.out / "curves.png")
+
+    def final_model(self, name: str | None = None) -> nn.Module:
+        """The weights to ship: the EMA copy when there is one, else the raw model."""
+        name = name or next(iter(self.raw))
+        if self.ema is not None and name == self.ema_of:
+            return self.ema.model
+        return self.raw[name]
+
+
+def plot_metrics(jsonl: Path, png: Path) -> Path | None:
+    if not jsonl.is_file():
+        return None
+    rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
+    keys = [k for k in rows[0] if k not in ("step", "epoch", "time_s")] if rows else []
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        if k.endswith("loss") and pts and min(v for _, v in pts) > 0:
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(png)
+    return png
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
