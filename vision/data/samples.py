@@ -40,3 +40,14 @@ def sample_photo(name: str) -> Path:
         if p.stem == name:
             return p
     raise FileNotFoundError(f"no sample photo named {name!r}; have {[p.stem for p in sample_photos()]}")
+
+
+# Held out of every training run on the sample photos, for validation. The motorcycle stereo
+# pair stays together on the training side so no near-duplicate straddles the split.
+HELD_OUT = ("chelsea", "coffee", "flower", "grace_hopper")
+
+
+def split_photos() -> tuple[list[Path], list[Path]]:
+    """(train, held_out) sample photos."""
+    photos = sample_photos()
+    return [p for p in photos if p.stem not in HELD_OUT], [p for p in photos if p.stem in HELD_OUT]

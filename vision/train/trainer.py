@@ -251,7 +251,7 @@ class Trainer:
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
                     last = {k: sum(v) / len(v) for k, v in window.items()}
                     window = {}
-                    self._log(last, time.perf_counter() - t0)
+                    self.log(last, time.perf_counter() - t0)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:4]})
                 if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
                     self.save()
@@ -302,11 +302,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    def _log(self, metrics: dict[str, float], elapsed: float) -> None:
+    def log(self, metrics: dict[str, float], elapsed: float | None = None) -> None:
+        """Append one JSONL line for the current step (rank 0 only); trainers log validation figures here."""
         if not self.dist.is_main:
             return
+        row = {"step": self.step, "epoch": self.epoch}
+        if elapsed is not None:
+            row["time_s"] = round(elapsed, 3)
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": self.step, "epoch": self.epoch, "time_s": round(elapsed, 3), **metrics}) + "\n")
+            f.write(json.dumps({**row, **metrics}) + "\n")
 
     def plot(self) -> Path | None:
         return plot_metrics(self.metrics_path, self.out / "curves.png")
@@ -323,7 +327,7 @@ def plot_metrics(jsonl: Path, png: Path) -> Path | None:
     if not jsonl.is_file():
         return None
     rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
-    keys = [k for k in rows[0] if k not in ("step", "epoch", "time_s")] if rows else []
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("step", "epoch", "time_s")))
     if not keys:
         return None
     import matplotlib
