@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from vision.cli import ArgumentParser, UserError, add_common_args, check_output, progress, resolve_device, run
+from vision.cli import (ArgumentParser, UserError, add_common_args, atomic_output, check_output, progress,
+                        resolve_device, run)
 from vision.data.images import IMAGE_EXTENSIONS, ImageReadError, _float_array, _format_for, open_image, save_image
 
 DEFAULT_MODEL = "liif-lite"
@@ -119,14 +120,9 @@ def upscale_file(model, src: Path, dst: Path, args, device: torch.device) -> tup
         a = model.upscale(xa, (H, W), tile=args.tile, chunk=args.chunk)[0].mean(0, keepdim=True)
         bar.update(1)
     bar.close()
-    tmp = dst.with_name(f".{dst.stem}.partial{dst.suffix}")
-    try:
+    with atomic_output(dst, args.overwrite) as tmp:
         save_image(y.cpu(), tmp, alpha=None if a is None else a.cpu(), icc_profile=im.info.get("icc_profile"),
                    mode="L" if grey else None, format=_format_for(dst))
-        check_output(dst, args.overwrite)
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return H, W
 
 

@@ -12,12 +12,13 @@ import contextlib
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+
+from vision.atomic import atomic_path
 
 
 class UserError(Exception):
@@ -100,17 +101,10 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
 def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = check_output(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    with atomic_path(path) as tmp:
         yield tmp
         if path.exists() and not overwrite:  # appeared while we worked
             raise UserError(f"{path} exists; pass --overwrite to replace it")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def progress(iterable=None, *, quiet: bool = False, **kwargs):
