@@ -41,7 +41,7 @@ Figures = dict[str, float]
 
 # ---------------------------------------------------------------------------------------------
 # Subcommand registry: each subcommand adds its options and returns its figures.
-# A new one (e.g. `seg`, Dice/HD95 of a segmenter) is one more `@subcommand(...)` function.
+# A new one is one more `@subcommand(...)` function.
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -738,6 +738,26 @@ def cmd_import_inception(args, ctx: Context) -> None:
     print(f"wrote {dst} ({'with' if classifier else 'without'} the classifier"
           f"{'' if classifier else ': FID and KID only, no Inception Score'})")
     return None
+
+
+def _seg_args(p):
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (NAME.nii.gz)")
+    p.add_argument("--truth", required=True, help="folder of ground-truth label maps, same NAMEs (e.g. labelsTr/)")
+    p.add_argument("--labels", help="class names, background first, comma-separated (default: dataset.json or class_1, ...)")
+    p.add_argument("--voxels", action="store_true", help="HD95 in voxels instead of millimetres")
+
+
+@subcommand("seg", "per-class Dice / HD95 / detected components of NIfTI label maps against ground truth", _seg_args)
+def cmd_seg(args, ctx: Context) -> Figures:
+    from segmentation.evaluation import evaluate_folders, format_table as seg_table
+
+    names = [n.strip() for n in args.labels.split(",")] if args.labels else None
+    try:
+        result = evaluate_folders(args.pred, args.truth, class_names=names, millimetres=not args.voxels)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(seg_table(result, unit="voxels" if args.voxels else "mm"))
+    return result.flat_metrics()
 
 
 # ---------------------------------------------------------------------------------------------

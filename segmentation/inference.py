@@ -102,7 +102,7 @@ class _SlabStitcher:
     when they are finalised, and then reused.
     """
 
-    _CHUNK = 4  # positions finalised at a time (bounds the temporary of the normalisation)
+    _CHUNK_VOXELS = 1 << 22  # voxels per class finalised at a time (bounds the temporaries)
 
     def __init__(self, padded_size: tuple[int, ...], window_last: int, pad_lo: tuple[int, ...],
                  size: tuple[int, ...], output: Output):
@@ -156,21 +156,39 @@ class _SlabStitcher:
     def _finalise(self, a: int, b: int) -> None:
         inner = tuple(slice(p, p + s) for p, s in zip(self.pad_lo[:-1], self.size[:-1]))
         first, last = self.pad_lo[-1], self.pad_lo[-1] + self.size[-1]  # the real volume, unpadded
+        plane = math.prod(self.size[:-1])
+        chunk = max(1, self._CHUNK_VOXELS // max(plane, 1))
         for z, r, n in self._segments(a, b):
-            for c in range(0, n, self._CHUNK):
-                za, zb = max(z + c, first), min(z + min(c + self._CHUNK, n), last)
+            for c in range(0, n, chunk):
+                za, zb = max(z + c, first), min(z + min(c + chunk, n), last)
                 if za < zb:
                     ring = slice(r + za - z, r + zb - z)
-                    values = self.acc[(slice(None), *inner, ring)] / self.wsum[(*inner, ring)]
                     out = slice(za - first, zb - first)
+                    acc = self.acc[(slice(None), *inner, ring)]
                     if self.output == "labels":
-                        self.result[..., out] = values.argmax(dim=0).to(self.result.dtype)
-                    elif self.output == "probabilities":
-                        self.result[..., out] = values.softmax(dim=0)
+                        # the normalisation divides every class by the same positive weight sum:
+                        # it cannot change the argmax, so it is skipped
+                        self.result[..., out] = _argmax_classes(acc, self.result.dtype)
                     else:
-                        self.result[..., out] = values
+                        values = acc / self.wsum[(*inner, ring)]
+                        self.result[..., out] = values.softmax(dim=0) if self.output == "probabilities" else values
             self.acc[..., r: r + n] = 0
             self.wsum[..., r: r + n] = 0
+
+
+def _argmax_classes(scores: Tensor, dtype: torch.dtype) -> Tensor:
+    """``scores.argmax(0)`` (first maximum wins) as a running maximum over the class axis.
+
+    Elementwise passes over one class at a time vectorise well; ``Tensor.argmax`` over the outer
+    axis of a (classes, X, Y, z) slab is several times slower on CPU.
+    """
+    best = scores[0].clone()
+    index = torch.zeros(best.shape, dtype=dtype)
+    for k in range(1, scores.shape[0]):
+        better = scores[k] > best
+        index.masked_fill_(better, k)
+        torch.maximum(best, scores[k], out=best)
+    return index
 
 
 def _model_device(model) -> torch.device:

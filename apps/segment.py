@@ -1,0 +1,187 @@
+"""python -m apps.segment — segment a CT/MRI volume (NIfTI or a DICOM series) into a NIfTI label map.
+
+    python -m apps.segment scan.nii.gz                                  # writes scan_seg.nii.gz (neunet-phantom)
+    python -m apps.segment --model hbformer-phantom scan.nii.gz -o seg.nii.gz --tta
+    python -m apps.segment --model runs/neunet/model dicom_series/ -o seg.nii.gz
+    python -m apps.segment --model my-model imagesTs/ -o predictions/   # every .nii/.nii.gz in a folder
+    python -m apps.segment scan.nii.gz --labels background,liver,spleen,kidney,pancreas,lesion
+
+The model is a shipped name (weights/index.json) or a folder written by apps.train_segmenter:
+it carries its own preparation (orientation, spacing, CT/MRI intensity normalisation, window,
+class names), see segmentation/pipeline.py. Inference is a Gaussian-blended sliding window
+(optionally with mirroring TTA), reduced to labels slab by slab so memory stays bounded. The
+label map has exactly the input's voxel grid and affine (for DICOM: the series' RAS affine).
+A table of voxel counts and volumes (ml) per class is printed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vision.cli import ArgumentParser, UserError, add_common_args, check_output, resolve_device, run
+
+DEFAULT_MODEL = "neunet-phantom"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def parse(argv):
+    p = ArgumentParser(prog="python -m apps.segment", description=__doc__.split("\n\n")[0].split(" — ")[1])
+    p.add_argument("input", help="a .nii/.nii.gz volume, a folder holding one DICOM series, or a folder of "
+                   ".nii/.nii.gz volumes")
+    p.add_argument("-o", "--output", help="output .nii.gz (a folder when the input is a folder of NIfTI files); "
+                   "default: NAME_seg.nii.gz beside the input")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="shipped segmenter name or a saved segmenter folder")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1) (default: the model's, 0.5 for the shipped ones)")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (2^d passes per window)")
+    p.add_argument("--batch", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="skip the model's largest-connected-component post-processing")
+    p.add_argument("--labels", help="class names, background first: comma-separated, or a file with one name "
+                   "per line or an nnU-Net dataset.json (default: the model's names)")
+    add_common_args(p, seed=False)
+    return p.parse_args(argv)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def plan(args) -> list[tuple[Path, Path]]:
+    """(input, output) pairs, every output checked before any work."""
+    from segmentation.dataset import case_name
+
+    src = Path(args.input)
+    if not src.exists():
+        raise UserError(f"{src}: no such file or folder")
+    niftis = sorted(p for p in src.iterdir() if p.is_file() and _is_nifti(p) and not p.name.startswith(".")) \
+        if src.is_dir() else []
+    if niftis:  # a folder of volumes
+        out_dir = Path(args.output) if args.output else src.with_name(src.name + "_seg")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"{out_dir} is a file; with a folder of volumes, -o must be a folder")
+        if not out_dir.parent.is_dir():
+            raise UserError(f"output folder {out_dir.parent} does not exist")
+        pairs = [(f, out_dir / f"{case_name(f)}.nii.gz") for f in niftis]
+        if len({d for _, d in pairs}) != len(pairs):
+            raise UserError(f"{src}: two volumes map to the same case name")
+    else:
+        default = src.with_name(f"{_stem(src) if src.is_file() else src.name}_seg.nii.gz")
+        dst = Path(args.output) if args.output else default
+        if dst.is_dir():
+            raise UserError(f"{dst} is a folder; give an output file name ending in .nii.gz")
+        pairs = [(src, dst)]
+    for _, dst in pairs:
+        if not _is_nifti(dst):
+            raise UserError(f"{dst}: the label map is written as NIfTI; use a .nii.gz (or .nii) name")
+        if dst.exists() and not args.overwrite:
+            raise UserError(f"{dst} exists; pass --overwrite to replace it")
+    if not niftis:
+        check_output(pairs[0][1], args.overwrite)  # its folder must exist
+    return pairs
+
+
+def class_names(args, model) -> list[str]:
+    names = list(model.config.class_names)
+    if not args.labels:
+        return names
+    spec = Path(args.labels)
+    if spec.is_file():
+        text = spec.read_text()
+        if spec.suffix.lower() == ".json":
+            from segmentation.dataset import read_dataset_json
+
+            try:
+                data = read_dataset_json(spec.parent) if spec.name == "dataset.json" else {"class_names": json.loads(text)}
+            except (ValueError, json.JSONDecodeError) as e:
+                raise UserError(f"--labels {spec}: {e}") from None
+            given = (data or {}).get("class_names")
+            if not isinstance(given, list):
+                raise UserError(f"--labels {spec}: expected a dataset.json with \"labels\" or a JSON list of names")
+        else:
+            given = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    else:
+        given = [n.strip() for n in args.labels.split(",")]
+    if any(not n for n in given):
+        raise UserError(f"--labels: empty class name in {args.labels!r}")
+    if len(given) != len(names):
+        raise UserError(f"--labels names {len(given)} classes, the model predicts {len(names)} "
+                        f"({', '.join(names)}); give one name per class, background first")
+    return [str(n) for n in given]
+
+
+def load_segmenter(spec: str, device: torch.device):
+    from segmentation.pipeline import Segmenter
+    from vision.hub import from_pretrained
+
+    model = from_pretrained(spec)
+    if not isinstance(model, Segmenter):
+        raise UserError(f"{spec} is a bare {type(model).__name__}, not a segmenter: it does not say how scans are "
+                        "prepared for it; wrap it with segmentation.pipeline.Segmenter.wrap(...) and save_pretrained")
+    if model.in_channels != 1:
+        raise UserError(f"{spec} expects {model.in_channels} input channels, but a volume has 1 "
+                        "(multi-channel models need one co-registered volume per channel)")
+    return model.to(device).eval()
+
+
+def read_input(path: Path):
+    from segmentation.io import read_volume
+
+    try:
+        return read_volume(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def volume_table(labels: np.ndarray, affine: np.ndarray, names: list[str]) -> str:
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(names))
+    rows = [("id", "class", "voxels", "volume (ml)")]
+    for i, name in enumerate(names):
+        rows.append((str(i), name, str(int(counts[i])), f"{counts[i] * voxel_ml:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if j == 1 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
+
+
+def main(argv=None) -> int:
+    from segmentation.io import write_labels
+
+    args = parse(argv)
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    pairs = plan(args)
+    # every input readable before the model is loaded or the first output written
+    first = read_input(pairs[0][0])
+    for src, _ in pairs[1:]:
+        read_input(src)
+    device = resolve_device(args.device)
+    model = load_segmenter(args.model, device)
+    names = class_names(args, model)
+    pairs[0][1].parent.mkdir(exist_ok=True)
+    for i, (src, dst) in enumerate(pairs):
+        vol = first if i == 0 else read_input(src)
+        labels = model.segment(vol.array, vol.affine, overlap=args.overlap, tta=args.tta, batch=args.batch,
+                               device=device, progress=not args.quiet, postprocess=not args.no_postprocess)
+        check_output(dst, args.overwrite)  # it may have appeared while we worked
+        write_labels(dst, labels, vol)
+        print(f"{dst}  ({'x'.join(map(str, vol.shape))}, {len(names)} classes)")
+        print(volume_table(labels, vol.affine, names))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
