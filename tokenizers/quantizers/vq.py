@@ -34,10 +34,19 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import QuantizerOutput, straight_through
+
+
+def _sum_over_processes(t: Tensor) -> Tensor:
+    """All-reduce (sum) under torch.distributed, so codebook statistics are those of the global batch."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 class VectorQuantizer(nn.Module):
@@ -133,6 +142,7 @@ class VectorQuantizer(nn.Module):
 
         counts = torch.bincount(ids, minlength=self.codebook_size)
         if self.training:
+            counts = _sum_over_processes(counts)  # code usage of the global batch, the same on every rank
             with torch.no_grad():
                 if self.kind == "ema":
                     self._ema_update(flat.detach(), ids, counts)
@@ -154,6 +164,7 @@ class VectorQuantizer(nn.Module):
     def _ema_update(self, flat: Tensor, ids: Tensor, counts: Tensor) -> None:
         """N <- g N + (1-g) n;  m <- g m + (1-g) sum z;  e = m / laplace(N)."""
         embed_sum = torch.zeros_like(self.embed_avg).index_add_(0, ids, flat.to(self.embed_avg.dtype))
+        embed_sum = _sum_over_processes(embed_sum)
         self.cluster_size.mul_(self.decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
         n = self.cluster_size.sum()
@@ -168,6 +179,8 @@ class VectorQuantizer(nn.Module):
             return
         pick = torch.randint(flat.shape[0], (num_dead,), device=flat.device)
         new = flat[pick].to(self.embed.dtype)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(new, src=0)  # every rank revives the same codes with rank 0's vectors
         self.embed.data[dead] = new
         if self.kind == "ema":
             self.cluster_size[dead] = 1.0

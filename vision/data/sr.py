@@ -29,7 +29,7 @@ def _pil_bicubic(hr: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 def _to_unit(a: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> (3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def pixel_centres(h: int, w: int) -> torch.Tensor:

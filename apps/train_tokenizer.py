@@ -1,0 +1,327 @@
+"""python -m apps.train_tokenizer — train WeTok, VQ or VQRAE tokenizers on ImageNet-layout folders.
+
+    python -m apps.train_tokenizer --model wetok-f16 --data /imagenet/train --image-size 256 --out runs/wetok
+    torchrun --nproc_per_node 8 -m apps.train_tokenizer --model wetok-f16 --data /imagenet/train --amp bf16 --out runs/wetok
+    python -m apps.train_tokenizer --model wetok-f16 --stage 2 --init runs/wetok/model --data DIR --out runs/wetok-gd
+    python -m apps.train_tokenizer --model wetok-tiny-f4 --data mnist5k --image-size 32 --out runs/mnist
+    python -m apps.train_tokenizer --model vqrae-tiny --stage 2 --init runs/vqrae/model --data DIR --out runs/vqrae2
+
+Stage 1 trains the whole tokenizer: L1 (L2 for VQRAE) + LPIPS + GAN + quantizer losses; the
+PatchGAN discriminator is trained with hinge loss + LeCAM. Stage 2 is WeTok's generative
+decoder (noise at the decoder input, encoder and quantizer frozen, L1 + LPIPS + GAN) or
+VQRAE's self-distillation (encoder unfrozen, distilled to its frozen copy). Reconstruction
+grids are saved as PNG at each checkpoint; quantizer utilisation and perplexity are logged.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
+from vision.train import Phase, Trainer, TrainingDiverged, add_train_args, train_config_from_args
+
+
+def model_names() -> list[str]:
+    from tokenizers.vq import VQ_CONFIGS
+    from tokenizers.wetok import WETOK_CONFIGS
+
+    return sorted([*WETOK_CONFIGS, *VQ_CONFIGS, *VQRAE_CONFIGS])
+
+
+VQRAE_CONFIGS = {  # encoder name and overrides; weights from --encoder-weights (a local file)
+    "vqrae-vit-s": dict(encoder="vit_small_patch16_224", image_size=224, patch_size=16),
+    "vqrae-tiny": dict(encoder="vit_tiny_patch16_224", image_size=32, patch_size=4, codebook_size=1024,
+                       codebook_dim=256, encoder_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2}),
+}
+
+
+def parse(argv):
+    p = ArgumentParser(prog="python -m apps.train_tokenizer", description=__doc__.split("\n\n")[0].split(" — ")[1])
+    p.add_argument("--model", required=True, help=f"configuration: {', '.join(model_names())}")
+    p.add_argument("--data", required=True, help="ImageNet-layout (or flat) image folder, or 'mnist5k'")
+    p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the config's)")
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="2: WeTok generative decoder / VQRAE distillation")
+    p.add_argument("--init", help="stage 2: the stage-1 model (save_pretrained folder or shipped name)")
+    p.add_argument("--encoder-weights", help="VQRAE: local file with the pretrained ViT weights")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (both networks)")
+    p.add_argument("--perceptual-weight", type=float, default=1.0,
+                   help="LPIPS weight; needs the VGG16 backbone in the torch hub cache (0 turns it off)")
+    p.add_argument("--lpips-backbone", help="path of torchvision's vgg16-397923af.pth if not in the hub cache")
+    p.add_argument("--gan-weight", default="0.1", help="fixed GAN weight (WeTok: 0.1), or 'adaptive' (VQGAN)")
+    p.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator starts")
+    p.add_argument("--no-gan", action="store_true", help="train without the discriminator")
+    p.add_argument("--val", metavar="DIR", help="after training, rFID (+ PSNR/SSIM/LPIPS) on this folder via "
+                   "`python -m apps.evaluate rfid`; needs the FID Inception weights")
+    p.add_argument("--val-num", type=int, default=None, help="images of --val to use (default: all)")
+    p.add_argument("--ship", metavar="NAME", help="write weights/NAME.safetensors with its index.json entry")
+    add_train_args(p, batch_size=32, max_steps=10000, checkpoint_every=1000, log_every=20)
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- model and data
+
+
+def build_model(args):
+    from tokenizers.vq import VQ_CONFIGS, VQTokenizer, vq_config
+    from tokenizers.vqrae import VQRAE, VQRAEConfig
+    from tokenizers.wetok import WETOK_CONFIGS, WeTok, to_generative, wetok_config
+    from vision.hub import from_pretrained
+
+    size = {"image_size": args.image_size} if args.image_size else {}
+    if args.stage == 2:
+        if not args.init:
+            raise UserError("--stage 2 needs --init, the stage-1 model")
+        model = from_pretrained(args.init)
+        if isinstance(model, WeTok):
+            return to_generative(model) if not model.config.generative else model
+        if isinstance(model, VQRAE):
+            return model.set_stage(2)
+        raise UserError(f"--stage 2 is defined for WeTok and VQRAE, not {type(model).__name__}")
+    if args.model in WETOK_CONFIGS:
+        return WeTok(wetok_config(args.model, **size))
+    if args.model in VQ_CONFIGS:
+        return VQTokenizer(vq_config(args.model, **size))
+    if args.model in VQRAE_CONFIGS:
+        cfg = {**VQRAE_CONFIGS[args.model], **size, "encoder_weights": args.encoder_weights}
+        return VQRAE(VQRAEConfig(**cfg)).set_stage(1)
+    raise UserError(f"unknown --model {args.model!r}; known: {', '.join(model_names())}")
+
+
+class MNISTImages(torch.utils.data.Dataset):
+    """MNIST-5k training digits as 3-channel images in [-1, 1] (the held-out digits are excluded)."""
+
+    def __init__(self, size: int):
+        import torch.nn.functional as F
+
+        from vision.data.mnist import mnist5k_split
+
+        (x, y), _ = mnist5k_split()
+        x = x.float().div(127.5).sub(1)[:, None].expand(-1, 3, -1, -1)
+        self.x = x if size == 32 else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        self.y = y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i].contiguous(), int(self.y[i])
+
+
+class CenterCrop:
+    """The rFID crop: short side to `size` (bicubic + antialias), centre crop."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from vision.data import center_crop_resize
+
+        return center_crop_resize(image, self.size)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Centre-cropped images with a random horizontal flip drawn from the sample's own generator."""
+
+    def __init__(self, root: str, size: int):
+        from vision.data import ImageFolder
+
+        self.folder = ImageFolder(root, transform=CenterCrop(size))
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        return self.folder[index]
+
+    def sample(self, index: int, g: torch.Generator):
+        image, label = self.folder[index]
+        if torch.rand((), generator=g) < 0.5:
+            image = image.flip(-1)
+        return image, label
+
+
+def build_data(args, size: int):
+    if args.data == "mnist5k":
+        return MNISTImages(size)
+    if not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: no such folder")
+    try:
+        return FolderImages(args.data, size)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def build_loss(args, model):
+    from tokenizers.losses import LPIPSLoss, WeTokLoss
+    from tokenizers.vqrae import VQRAE, VQRAELoss
+
+    perceptual = None
+    if args.perceptual_weight > 0:
+        try:
+            perceptual = LPIPSLoss.from_local("vgg", args.lpips_backbone)
+        except FileNotFoundError as e:
+            raise UserError(f"{e} (or pass --perceptual-weight 0)") from None
+    gan_weight = None if args.gan_weight == "adaptive" else float(args.gan_weight)
+    common = dict(perceptual=perceptual, gan=not args.no_gan, perceptual_weight=args.perceptual_weight,
+                  gan_weight=gan_weight, disc_start=args.disc_start)
+    if isinstance(model, VQRAE):
+        return VQRAELoss(**common)
+    return WeTokLoss(**common)
+
+
+# ---------------------------------------------------------------- training
+
+
+def save_grid(model, images: torch.Tensor, path: Path) -> None:
+    """Originals (top row) over reconstructions (bottom row)."""
+    import torchvision
+
+    with torch.no_grad():
+        was = model.training
+        recon = model.eval()(images)[0].clamp(-1, 1)
+        model.train(was)
+    grid = torchvision.utils.make_grid(torch.cat([images, recon]).cpu() * 0.5 + 0.5, nrow=len(images), padding=2)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    torchvision.utils.save_image(grid, tmp)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    from tokenizers.vqrae import VQRAE
+    from vision.hub import register_shipped, save_pretrained
+
+    args = parse(argv)
+    command = "python -m apps.train_tokenizer " + shlex.join(sys.argv[1:] if argv is None else argv)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = build_model(args)
+    size = args.image_size or model.config.image_size
+    data = build_data(args, size)
+    crit = build_loss(args, model)
+    try:
+        trainer = Trainer(train_config_from_args(args, str(device)), data)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opts = {"gen": torch.optim.Adam(trainable, lr=args.lr, betas=(0.5, 0.9))}
+    models = {"tokenizer": model}
+    extra = {}
+    if crit.discriminator is not None:
+        models["disc"] = crit.discriminator
+        opts["disc"] = torch.optim.Adam(crit.discriminator.parameters(), lr=args.lr, betas=(0.5, 0.9))
+        if crit.lecam is not None:
+            extra["lecam"] = crit.lecam
+    wrapped = trainer.prepare(models, opts, extra_state=extra, ema_of="tokenizer")
+    is_vqrae = isinstance(model, VQRAE)
+    wetok_stage2 = getattr(model.config, "generative", False)
+    pending: list[torch.Tensor] = []  # reconstructions handed from the generator phase to the discriminator's
+
+    def generator(batch, step):
+        images = batch[0]
+        out = wrapped["tokenizer"](images)
+        recon, q = out[0], out[1]
+        if "disc" in opts:
+            pending.append(recon.detach())
+        disc = wrapped.get("disc")
+        if is_vqrae:
+            return crit.generator_loss(model, images, recon, q, out[2], step, discriminator=disc)
+        return crit.generator_loss(images, recon, None if wetok_stage2 else q, step, last_layer=model.last_layer,
+                                   discriminator=disc)
+
+    def discriminator(batch, step):
+        return crit.discriminator_loss(batch[0], pending.pop(0), step, discriminator=wrapped["disc"])
+
+    phases = [Phase("gen", "gen", generator, models=("tokenizer",))]
+    if "disc" in opts:
+        phases.append(Phase("disc", "disc", discriminator, models=("disc",),
+                            active=lambda step: step >= args.disc_start))
+    preview = torch.stack([data[i][0] for i in range(min(8, len(data)))]).to(device)
+
+    def on_checkpoint(t: Trainer):
+        pending.clear()
+        if t.dist.is_main:
+            save_grid(t.final_model("tokenizer"), preview, Path(args.out) / f"recon_{t.step:07d}.png")
+
+    start = time.perf_counter()
+    try:
+        trainer.fit(phases, on_checkpoint=on_checkpoint)
+    except TrainingDiverged as e:
+        raise UserError(str(e)) from None
+    elapsed = time.perf_counter() - start
+    if not trainer.dist.is_main:
+        return 0
+    final = trainer.final_model("tokenizer").eval()
+    save_pretrained(final, Path(args.out) / "model")
+    print(f"model saved to {Path(args.out) / 'model'} ({elapsed / 60:.1f} min)")
+    figures = reconstruction_figures(final, args, size, device)
+    if args.val:
+        figures.update(validation_rfid(args, size))
+    print("  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+    if args.ship:
+        entry = register_shipped(
+            args.ship, final.cpu(), kind="tokenizer", trained_with=command,
+            data="MNIST-5k training split (4000 digits, 32x32)" if args.data == "mnist5k" else str(args.data),
+            train_time=f"{elapsed / 60:.1f} min on {device}", metrics={k: round(v, 4) for k, v in figures.items()},
+            metrics_protocol="reconstruction of the 1000 held-out MNIST-5k digits (uint8 round trip): "
+                             "PSNR in dB on [0, 1], codebook utilisation and perplexity over all their ids"
+                             if args.data == "mnist5k" else "reconstruction of the first 256 training images")
+        print(f"shipped as {args.ship}: weights/{entry['file']}")
+    return 0
+
+
+def validation_rfid(args, size: int) -> dict[str, float]:
+    """The evaluation app's rfid protocol on --val with the model just saved, in a single-process child
+    (so a torchrun world does not leak into it)."""
+    import json
+    import os
+    import subprocess
+
+    out = Path(args.out) / "val_rfid.json"
+    cmd = [sys.executable, "-m", "apps.evaluate", "rfid", "--tokenizer", str(Path(args.out) / "model"), "--data",
+           args.val, "--image-size", str(size), "--json", str(out), "--overwrite", "--device", args.device]
+    cmd += ["--quiet"] if args.quiet else []
+    cmd += ["--num", str(args.val_num)] if args.val_num else []
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                                "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"--val rFID failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return {f"val_{k}": v for k, v in json.loads(out.read_text()).items() if isinstance(v, (int, float))}
+
+
+@torch.no_grad()
+def reconstruction_figures(model, args, size: int, device) -> dict[str, float]:
+    """PSNR (uint8 round trip) and code usage on held-out MNIST digits (or the first training images)."""
+    from vision.data.images import to_uint8
+    from vision.data.mnist import mnist5k_split
+    from vision.metrics.image_quality import psnr
+
+    if args.data == "mnist5k":
+        _, (x, _) = mnist5k_split()
+        images = x.float().div(127.5).sub(1)[:, None].expand(-1, 3, -1, -1).contiguous()
+    else:
+        data = build_data(args, size)
+        images = torch.stack([data[i][0] for i in range(min(256, len(data)))])
+    values, ids = [], []
+    for chunk in images.split(100):
+        chunk = chunk.to(device)
+        tokens = model.encode(chunk)
+        recon = model.decode(tokens)
+        values.append(psnr(to_uint8(recon).float() / 255, to_uint8(chunk).float() / 255, reduction="none"))
+        ids.append(tokens.ids.flatten(2) if tokens.ids.ndim == 4 else tokens.ids.flatten(1)[:, None])
+    ids = torch.cat(ids).transpose(0, 1).reshape(ids[0].shape[1], -1)  # (groups, n)
+    vocab = model.spec.vocab_size
+    counts = torch.stack([torch.bincount(g, minlength=vocab) for g in ids]).double()
+    probs = counts / counts.sum(1, keepdim=True)
+    perplexity = torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum(1)).mean()
+    return {"psnr_db": torch.cat(values).mean().item(), "utilisation": (counts > 0).double().mean().item(),
+            "perplexity": perplexity.item()}
+
+
+if __name__ == "__main__":
+    run(main)
