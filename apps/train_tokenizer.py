@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
-from vision.train import Phase, Trainer, TrainingDiverged, add_train_args, train_config_from_args
+from vision.train import Phase, Trainer, add_train_args, train_config_from_args
 
 
 def model_names() -> list[str]:
@@ -248,10 +248,7 @@ def main(argv=None) -> int:
             save_grid(t.final_model("tokenizer"), preview, Path(args.out) / f"recon_{t.step:07d}.png")
 
     start = time.perf_counter()
-    try:
-        trainer.fit(phases, on_checkpoint=on_checkpoint)
-    except TrainingDiverged as e:
-        raise UserError(str(e)) from None
+    trainer.fit(phases, on_checkpoint=on_checkpoint)
     elapsed = time.perf_counter() - start
     if not trainer.dist.is_main:
         return 0

@@ -19,7 +19,7 @@ import torch
 
 from vision.cli import (ArgumentParser, UserError, add_common_args, atomic_output, check_output, progress,
                         resolve_device, run)
-from vision.data.images import IMAGE_EXTENSIONS, ImageReadError, _float_array, _format_for, open_image, save_image
+from vision.data.images import IMAGE_EXTENSIONS, float_array, format_for_path, open_image, save_image
 
 DEFAULT_MODEL = "liif-lite"
 MAX_OUTPUT_PIXELS = 400_000_000  # 20000 x 20000: about 1.2 GB as 8-bit RGB in memory
@@ -100,13 +100,13 @@ def plan(args) -> list[tuple[Path, Path]]:
         raise UserError(f"{src}: no such file or folder")
     for _, dst in pairs:
         check_output(dst, args.overwrite)
-        _format_for(dst)
+        format_for_path(dst)
     return pairs
 
 
 def upscale_file(model, src: Path, dst: Path, args, device: torch.device) -> tuple[int, int]:
     im = open_image(src)
-    rgb, alpha = _float_array(im)
+    rgb, alpha = float_array(im)
     grey = im.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
     h, w = rgb.shape[:2]
     H, W = output_size(h, w, args)
@@ -122,7 +122,7 @@ def upscale_file(model, src: Path, dst: Path, args, device: torch.device) -> tup
     bar.close()
     with atomic_output(dst, args.overwrite) as tmp:
         save_image(y.cpu(), tmp, alpha=None if a is None else a.cpu(), icc_profile=im.info.get("icc_profile"),
-                   mode="L" if grey else None, format=_format_for(dst))
+                   mode="L" if grey else None, format=format_for_path(dst))
     return H, W
 
 

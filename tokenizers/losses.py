@@ -189,12 +189,90 @@ def _f(t: Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-class WeTokLoss(nn.Module):
-    """Generator- and discriminator-side losses of WeTok (defaults) or VQGAN (``gan_weight=None``).
+class AdversarialLoss(nn.Module):
+    """What every GAN-trained tokenizer loss shares: LPIPS, the PatchGAN and its hinge + LeCAM side,
+    and the generator's GAN term with a fixed or VQGAN-adaptive weight, gated by ``disc_start``.
 
     ``state_dict`` holds the discriminator and the LeCAM EMAs (LPIPS is frozen and not saved).
-    Both methods take an optional ``discriminator`` to call instead of ``self.discriminator``, e.g.
-    its DDP wrapper. Typical use with ``vision.train`` (one Phase each, generator first)::
+    Methods take an optional ``discriminator`` to call instead of ``self.discriminator`` (e.g. its
+    DDP wrapper). Subclasses define ``generator_loss`` and ``g_loss(logits_fake)``.
+    """
+
+    def __init__(self, perceptual: nn.Module | None = None, discriminator: nn.Module | None = None, *,
+                 gan: bool = True, perceptual_weight: float = 1.0, gan_weight: float | None = 0.1,
+                 adaptive_disc_weight: float = 0.8, disc_start: int = 0, lecam_weight: float | None = 0.05,
+                 lecam_decay: float = 0.999) -> None:
+        super().__init__()
+        if perceptual is None and perceptual_weight > 0:
+            raise ValueError("perceptual_weight > 0 needs a perceptual loss module (LPIPSLoss.from_local())")
+        self.perceptual = perceptual
+        self.gan = gan
+        self.discriminator = (discriminator if discriminator is not None else NLayerDiscriminator()) if gan else None
+        self.lecam = LeCAM(lecam_decay) if gan and lecam_weight is not None else None
+        self.perceptual_weight = perceptual_weight
+        self.gan_weight = gan_weight
+        self.adaptive_disc_weight = adaptive_disc_weight
+        self.disc_start = disc_start
+        self.lecam_weight = lecam_weight
+
+    def g_loss(self, logits_fake: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _add_perceptual(self, nll: Tensor, images: Tensor, recon: Tensor, logs: dict[str, float]) -> Tensor:
+        if self.perceptual is not None and self.perceptual_weight > 0:
+            p = self.perceptual(images.contiguous(), recon.contiguous()).mean()
+            nll = nll + self.perceptual_weight * p
+            logs["lpips"] = _f(p)
+        logs["nll"] = _f(nll)
+        return nll
+
+    def _add_gan(self, loss: Tensor, nll: Tensor, recon: Tensor, step: int, last_layer: Tensor | None,
+                 discriminator: nn.Module | None, logs: dict[str, float]) -> Tensor:
+        factor = disc_factor(step, self.disc_start) if self.gan else 0.0
+        if factor == 0:
+            return loss
+        disc = discriminator if discriminator is not None else self.discriminator
+        g_loss = self.g_loss(disc(recon.contiguous()))
+        if self.gan_weight is None:
+            if last_layer is None:
+                raise ValueError("the adaptive GAN weight needs last_layer (e.g. model.last_layer)")
+            weight = adaptive_gan_weight(nll, g_loss, last_layer, self.adaptive_disc_weight)
+        else:
+            weight = torch.tensor(self.gan_weight, device=g_loss.device, dtype=g_loss.dtype)
+        logs.update(g_loss=_f(g_loss), gan_weight=_f(weight))
+        return loss + weight * factor * g_loss
+
+    @staticmethod
+    def _add_quantizer(loss: Tensor, quantizer: QuantizerOutput | None, logs: dict[str, float]) -> Tensor:
+        if quantizer is None:
+            return loss
+        logs.update({f"{k}_loss": _f(v) for k, v in quantizer.losses.items()})
+        logs.update({f"q_{k}": float(v) for k, v in quantizer.metrics.items()})
+        return loss + quantizer.loss
+
+    def discriminator_loss(self, images: Tensor, recon: Tensor, step: int = 0, *,
+                           discriminator: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+        """factor(step) · (hinge(D(x), D(x̂)) + lecam_weight · LeCAM)."""
+        if not self.gan:
+            raise ValueError(f"this {type(self).__name__} was built with gan=False")
+        disc = discriminator if discriminator is not None else self.discriminator
+        logits_real = disc(images.contiguous().detach())
+        logits_fake = disc(recon.contiguous().detach())
+        hinge = hinge_d_loss(logits_real, logits_fake)
+        d_loss = hinge
+        logs = {"hinge": _f(hinge), "logits_real": _f(logits_real.mean()), "logits_fake": _f(logits_fake.mean())}
+        if self.lecam is not None:
+            self.lecam.update(logits_real, logits_fake)
+            reg = self.lecam(logits_real, logits_fake)
+            d_loss = hinge + self.lecam_weight * reg
+            logs["lecam"] = _f(reg)
+        return disc_factor(step, self.disc_start) * d_loss, logs
+
+
+class WeTokLoss(AdversarialLoss):
+    """Generator- and discriminator-side losses of WeTok (defaults) or VQGAN (``gan_weight=None``).
+
+    Typical use with ``vision.train`` (one Phase each, generator first)::
 
         recon, q = model(x)
         loss, logs = crit.generator_loss(x, recon, q, step, last_layer=model.last_layer)
@@ -205,67 +283,18 @@ class WeTokLoss(nn.Module):
     """
 
     def __init__(self, perceptual: nn.Module | None = None, discriminator: nn.Module | None = None, *,
-                 gan: bool = True, l1_weight: float = 1.0, perceptual_weight: float = 1.0,
-                 gan_weight: float | None = 0.1, adaptive_disc_weight: float = 0.8, disc_start: int = 0,
-                 lecam_weight: float | None = 0.05, lecam_decay: float = 0.999) -> None:
-        super().__init__()
-        if perceptual is None and perceptual_weight > 0:
-            raise ValueError("perceptual_weight > 0 needs a perceptual loss module (LPIPSLoss.from_local())")
-        self.perceptual = perceptual
-        self.gan = gan
-        self.discriminator = (discriminator if discriminator is not None else NLayerDiscriminator()) if gan else None
-        self.lecam = LeCAM(lecam_decay) if gan and lecam_weight is not None else None
+                 l1_weight: float = 1.0, **kwargs) -> None:
+        super().__init__(perceptual, discriminator, **kwargs)
         self.l1_weight = l1_weight
-        self.perceptual_weight = perceptual_weight
-        self.gan_weight = gan_weight
-        self.adaptive_disc_weight = adaptive_disc_weight
-        self.disc_start = disc_start
-        self.lecam_weight = lecam_weight
+
+    def g_loss(self, logits_fake: Tensor) -> Tensor:
+        return non_saturating_g_loss(logits_fake)
 
     def generator_loss(self, images: Tensor, recon: Tensor, quantizer: QuantizerOutput | None = None, step: int = 0,
                        *, last_layer: Tensor | None = None,
                        discriminator: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
         l1 = (images - recon).abs().mean()
-        nll = self.l1_weight * l1
         logs = {"l1": _f(l1)}
-        if self.perceptual is not None and self.perceptual_weight > 0:
-            p = self.perceptual(images.contiguous(), recon.contiguous()).mean()
-            nll = nll + self.perceptual_weight * p
-            logs["lpips"] = _f(p)
-        logs["nll"] = _f(nll)
-        loss = nll
-        factor = disc_factor(step, self.disc_start) if self.gan else 0.0
-        if factor > 0:
-            disc = discriminator if discriminator is not None else self.discriminator
-            g_loss = non_saturating_g_loss(disc(recon.contiguous()))
-            if self.gan_weight is None:
-                if last_layer is None:
-                    raise ValueError("the adaptive GAN weight needs last_layer (e.g. model.last_layer)")
-                weight = adaptive_gan_weight(nll, g_loss, last_layer, self.adaptive_disc_weight)
-            else:
-                weight = torch.tensor(self.gan_weight, device=g_loss.device, dtype=g_loss.dtype)
-            loss = loss + weight * factor * g_loss
-            logs.update(g_loss=_f(g_loss), gan_weight=_f(weight))
-        if quantizer is not None:
-            loss = loss + quantizer.loss
-            logs.update({f"{k}_loss": _f(v) for k, v in quantizer.losses.items()})
-            logs.update({f"q_{k}": float(v) for k, v in quantizer.metrics.items()})
-        return loss, logs
-
-    def discriminator_loss(self, images: Tensor, recon: Tensor, step: int = 0, *,
-                           discriminator: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
-        if not self.gan:
-            raise ValueError("this WeTokLoss was built with gan=False")
-        disc = discriminator if discriminator is not None else self.discriminator
-        logits_real = disc(images.contiguous().detach())
-        logits_fake = disc(recon.contiguous().detach())
-        factor = disc_factor(step, self.disc_start)
-        hinge = hinge_d_loss(logits_real, logits_fake)
-        d_loss = hinge
-        logs = {"hinge": _f(hinge), "logits_real": _f(logits_real.mean()), "logits_fake": _f(logits_fake.mean())}
-        if self.lecam is not None:
-            self.lecam.update(logits_real, logits_fake)
-            reg = self.lecam(logits_real, logits_fake)
-            d_loss = reg * self.lecam_weight + hinge
-            logs["lecam"] = _f(reg)
-        return factor * d_loss, logs
+        nll = self._add_perceptual(self.l1_weight * l1, images, recon, logs)
+        loss = self._add_gan(nll, nll, recon, step, last_layer, discriminator, logs)
+        return self._add_quantizer(loss, quantizer, logs), logs

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from vision.hub import HubError, load_official_state_dict, register_model
 from vision.tokens import Tokens, TokenSpec
 
+from .losses import AdversarialLoss, _f
 from .quantizers import QuantizerOutput, VectorQuantizer
 
 
@@ -389,11 +390,7 @@ class VQRAE(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _f(t: Tensor) -> float:
-    return float(t.detach())
-
-
-class VQRAELoss(nn.Module):
+class VQRAELoss(AdversarialLoss):
     """VQRAE's objectives. Generator side, stage 1::
 
         pixel_weight · ||x - x̂||² + perceptual_weight · LPIPS(x, x̂) + λ_G · factor(step) · (-mean D(x̂)) + VQ
@@ -411,75 +408,26 @@ class VQRAELoss(nn.Module):
     """
 
     def __init__(self, perceptual: nn.Module | None = None, discriminator: nn.Module | None = None, *,
-                 gan: bool = True, pixel_weight: float = 1.0, perceptual_weight: float = 1.0,
-                 gan_weight: float | None = None, adaptive_disc_weight: float = 0.8, disc_start: int = 0,
-                 distill_weight: float = 1.0, lecam_weight: float | None = None, lecam_decay: float = 0.999) -> None:
-        super().__init__()
-        from .losses import LeCAM, NLayerDiscriminator
-
-        if perceptual is None and perceptual_weight > 0:
-            raise ValueError("perceptual_weight > 0 needs a perceptual loss module (LPIPSLoss.from_local())")
-        self.perceptual = perceptual
-        self.gan = gan
-        self.discriminator = (discriminator if discriminator is not None else NLayerDiscriminator()) if gan else None
-        self.lecam = LeCAM(lecam_decay) if gan and lecam_weight is not None else None
+                 pixel_weight: float = 1.0, gan_weight: float | None = None, distill_weight: float = 1.0,
+                 lecam_weight: float | None = None, **kwargs) -> None:
+        super().__init__(perceptual, discriminator, gan_weight=gan_weight, lecam_weight=lecam_weight, **kwargs)
         self.pixel_weight = pixel_weight
-        self.perceptual_weight = perceptual_weight
-        self.gan_weight = gan_weight
-        self.adaptive_disc_weight = adaptive_disc_weight
-        self.disc_start = disc_start
         self.distill_weight = distill_weight
-        self.lecam_weight = lecam_weight
+
+    def g_loss(self, logits_fake: Tensor) -> Tensor:
+        return -logits_fake.mean()  # VQGAN's generator term
 
     def generator_loss(self, model: VQRAE, images: Tensor, recon: Tensor, quantizer: QuantizerOutput,
                        features: Tensor | None = None, step: int = 0, *,
                        discriminator: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
-        from .losses import adaptive_gan_weight, disc_factor
-
         l2 = F.mse_loss(recon, images)
-        nll = self.pixel_weight * l2
         logs = {"l2": _f(l2)}
-        if self.perceptual is not None and self.perceptual_weight > 0:
-            p = self.perceptual(images.contiguous(), recon.contiguous()).mean()
-            nll = nll + self.perceptual_weight * p
-            logs["lpips"] = _f(p)
-        logs["nll"] = _f(nll)
-        loss = nll
-        factor = disc_factor(step, self.disc_start) if self.gan else 0.0
-        if factor > 0:
-            disc = discriminator if discriminator is not None else self.discriminator
-            g_loss = -disc(recon.contiguous()).mean()
-            if self.gan_weight is None:
-                weight = adaptive_gan_weight(nll, g_loss, model.last_layer, self.adaptive_disc_weight)
-            else:
-                weight = torch.tensor(self.gan_weight, device=g_loss.device, dtype=g_loss.dtype)
-            loss = loss + weight * factor * g_loss
-            logs.update(g_loss=_f(g_loss), gan_weight=_f(weight))
-        loss = loss + quantizer.loss
-        logs.update({f"{k}_loss": _f(v) for k, v in quantizer.losses.items()})
-        logs.update({f"q_{k}": float(v) for k, v in quantizer.metrics.items()})
+        nll = self._add_perceptual(self.pixel_weight * l2, images, recon, logs)
+        loss = self._add_gan(nll, nll, recon, step, model.last_layer, discriminator, logs)
+        loss = self._add_quantizer(loss, quantizer, logs)
         if model.stage == 2 and self.distill_weight > 0:
             d = model.distillation_loss(images, features)
             loss = loss + self.distill_weight * d
             logs["distill"] = _f(d)
         logs["loss"] = _f(loss)
         return loss, logs
-
-    def discriminator_loss(self, images: Tensor, recon: Tensor, step: int = 0, *,
-                           discriminator: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
-        from .losses import disc_factor, hinge_d_loss
-
-        if not self.gan:
-            raise ValueError("this VQRAELoss was built with gan=False")
-        disc = discriminator if discriminator is not None else self.discriminator
-        logits_real = disc(images.contiguous().detach())
-        logits_fake = disc(recon.contiguous().detach())
-        hinge = hinge_d_loss(logits_real, logits_fake)
-        d_loss = hinge
-        logs = {"hinge": _f(hinge), "logits_real": _f(logits_real.mean()), "logits_fake": _f(logits_fake.mean())}
-        if self.lecam is not None:
-            self.lecam.update(logits_real, logits_fake)
-            reg = self.lecam(logits_real, logits_fake)
-            d_loss = d_loss + self.lecam_weight * reg
-            logs["lecam"] = _f(reg)
-        return disc_factor(step, self.disc_start) * d_loss, logs

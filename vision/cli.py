@@ -26,9 +26,10 @@ class UserError(Exception):
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run an app's main(argv); map user errors to `error: ...` + exit 2."""
+    """Run an app's main(argv); map user errors to `error: ...` + exit 2 (a diverged training run: exit 1)."""
     from vision.data.images import ImageReadError
     from vision.hub import HubError
+    from vision.train.trainer import TrainingDiverged
 
     try:
         code = main(argv)
@@ -38,6 +39,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except FileNotFoundError as e:
         print(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:  # not the user's input: exit 1, still one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

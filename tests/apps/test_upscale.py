@@ -1,5 +1,4 @@
 """python -m apps.upscale: sizes, formats, modes, metadata, and every bad input -> one line, exit 2, no file."""
-import math
 import subprocess
 import sys
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 from segmentation.hbformer import HBFormer, HBFormerConfig, from_official, pseudo_hdr, swin_window_size
 

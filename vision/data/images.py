@@ -44,7 +44,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(f"{path}: not a readable image ({e.__class__.__name__})") from None
 
 
-def _float_array(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+def float_array(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     """HxWx3 float32 RGB in [0, 1] and an optional HxW alpha in [0, 1]."""
     alpha = None
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -65,7 +65,7 @@ def _float_array(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
 
 def read_image_with_alpha(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(3, H, W) in [-1, 1] and, when the file has one, the alpha channel (1, H, W) in [-1, 1]."""
-    rgb, alpha = _float_array(open_image(path))
+    rgb, alpha = float_array(open_image(path))
     image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) * 2 - 1
     return image, None if alpha is None else torch.from_numpy(alpha)[None] * 2 - 1
 
@@ -77,7 +77,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 def read_image_uint8(path: str | os.PathLike) -> np.ndarray:
     """HxWx3 uint8 RGB, as metrics protocols expect."""
-    rgb, _ = _float_array(open_image(path))
+    rgb, _ = float_array(open_image(path))
     return np.round(rgb * 255).astype(np.uint8)
 
 
@@ -103,7 +103,7 @@ def save_image(image: torch.Tensor, path: str | os.PathLike, alpha: torch.Tensor
                icc_profile: bytes | None = None, mode: str | None = None, format: str | None = None) -> None:
     """Write (3, H, W) in [-1, 1] to `path` (format from the suffix unless given)."""
     im = to_pil(image, alpha, mode)
-    fmt = format or _format_for(path)
+    fmt = format or format_for_path(path)
     kwargs = {}
     if icc_profile:
         kwargs["icc_profile"] = icc_profile
@@ -116,7 +116,7 @@ def save_image(image: torch.Tensor, path: str | os.PathLike, alpha: torch.Tensor
     im.save(path, format=fmt, **kwargs)
 
 
-def _format_for(path: str | os.PathLike) -> str:
+def format_for_path(path: str | os.PathLike) -> str:
     ext = Path(path).suffix.lower()
     formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
                ".bmp": "BMP"}
