@@ -204,6 +204,8 @@ class InceptionFeatures(nn.Module):
             state_dict = read_inception_weights(self.weights_path)
         self.net = FIDInceptionV3(with_classifier="fc.weight" in state_dict)
         load_fid_inception_state_dict(self.net, state_dict)
+        # channels-last convolutions run ~1.4x faster on CPU (oneDNN) and on tensor-core GPUs
+        self.net.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
 
@@ -221,4 +223,5 @@ class InceptionFeatures(nn.Module):
         return x / 255 * 2 - 1
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self.net(self.prepare(images), unbiased_logits=self.unbiased_logits)
+        x = self.prepare(images).contiguous(memory_format=torch.channels_last)
+        return self.net(x, unbiased_logits=self.unbiased_logits)
