@@ -44,6 +44,9 @@ def parse(argv):
     p.add_argument("--scale-max", type=float, default=4.0, help="training scales ~ U(1, scale-max)")
     p.add_argument("--sample-q", type=int, default=2304, help="HR query pixels per crop")
     p.add_argument("--repeat", type=int, default=20, help="passes over the image list per epoch")
+    p.add_argument("--rgb-permute", action="store_true", help="shuffle colour channels per crop (not in the "
+                   "official recipe; helps when training on a handful of photos)")
+    p.add_argument("--init", metavar="NAME|DIR", help="start from these LIIF weights (a fresh optimizer and schedule)")
     p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its "
                    "index.json entry (command, time, validation PSNR)")
     add_train_args(p, batch_size=16, max_steps=2000, checkpoint_every=500, log_every=20)
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
     train_files, val_files = image_lists(args)
     try:
         data = SRImplicitDownsampled(train_files, inp_size=args.inp_size, scale_max=args.scale_max,
-                                     sample_q=args.sample_q, repeat=args.repeat)
+                                     sample_q=args.sample_q, repeat=args.repeat, rgb_permute=args.rgb_permute)
     except ValueError as e:
         raise UserError(str(e)) from None
     try:
@@ -105,6 +108,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     model = build_model(args)
+    if args.init:
+        from vision.hub import from_pretrained
+
+        init_model = from_pretrained(args.init)
+        if init_model.config != model.config:
+            raise UserError(f"--init {args.init} does not match --preset {args.preset} --encoder {args.encoder}")
+        model.load_state_dict(init_model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(m * args.steps) for m in milestones], gamma=0.5)
     models = trainer.prepare({"liif": model}, {"adam": opt}, {"adam": sched}, ema_of="liif")

@@ -48,3 +48,18 @@ def test_downsampled_pair_protocol():
     lr, hr = downsampled_pair(img, 3.7)
     assert lr.shape == (3, 27, 20) and hr.shape == (3, round(27 * 3.7), round(20 * 3.7))
     assert div2k_shave(4) == 10 and div2k_shave(3.7) == 10 and div2k_shave(2) == 8
+
+
+def test_rgb_permutation_moves_lr_and_hr_channels_together():
+    img = np.empty((200, 200, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 10, 100, 200
+    ds = SRImplicitDownsampled([img], inp_size=16, sample_q=64, rgb_permute=True)
+    orders = set()
+    for seed in range(12):
+        s = ds.sample(0, torch.Generator().manual_seed(seed))
+        hr_values = ((s["gt"][0] + 1) * 127.5).round().tolist()
+        lr_values = ((s["inp"][:, 0, 0] + 1) * 127.5).round().tolist()
+        assert sorted(hr_values) == [10, 100, 200] and lr_values == hr_values
+        assert torch.equal(s["gt"], s["gt"][:1].expand_as(s["gt"]))
+        orders.add(tuple(hr_values))
+    assert len(orders) > 1

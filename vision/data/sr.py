@@ -40,10 +40,17 @@ def pixel_centres(h: int, w: int) -> torch.Tensor:
 
 
 class SRImplicitDownsampled(Dataset):
-    """LIIF's training wrapper over a list of HR images (paths, loaded once as uint8)."""
+    """LIIF's training wrapper over a list of HR images (paths, loaded once as uint8).
+
+    `rgb_permute` (off in the official recipe) shuffles the colour channels of each crop, the
+    "RGB permutation" augmentation of Yoo et al. (CVPR 2020): with only a few training photos it
+    keeps the model from learning their colour statistics as a prior (which shows as a colour cast
+    on saturated images it has not seen).
+    """
 
     def __init__(self, images: Sequence[str | Path | np.ndarray], *, inp_size: int = 48, scale_min: float = 1.0,
-                 scale_max: float = 4.0, sample_q: int = 2304, augment: bool = True, repeat: int = 1):
+                 scale_max: float = 4.0, sample_q: int = 2304, augment: bool = True, repeat: int = 1,
+                 rgb_permute: bool = False):
         self.images = [img if isinstance(img, np.ndarray) else read_image_uint8(img) for img in images]
         small = [i for i, im in enumerate(self.images) if min(im.shape[:2]) < round(inp_size * scale_max)]
         if small:
@@ -52,6 +59,7 @@ class SRImplicitDownsampled(Dataset):
             raise ValueError(f"sample_q {sample_q} exceeds the pixels of the smallest HR crop")
         self.inp_size, self.scale_min, self.scale_max = inp_size, scale_min, scale_max
         self.sample_q, self.augment, self.repeat = sample_q, augment, repeat
+        self.rgb_permute = rgb_permute
 
     def __len__(self) -> int:
         return len(self.images) * self.repeat
@@ -73,6 +81,9 @@ class SRImplicitDownsampled(Dataset):
                              (dflip, lambda x: x.transpose(-2, -1))):
                 if flag:
                     hr, lr = op(hr), op(lr)
+        if self.rgb_permute:  # not in LIIF's recipe; see the class docstring
+            order = torch.randperm(3, generator=g)
+            hr, lr = hr[order], lr[order]
         coord = pixel_centres(*hr.shape[-2:])
         rgb = hr.reshape(3, -1).t()
         pick = torch.randperm(len(coord), generator=g)[: self.sample_q]
