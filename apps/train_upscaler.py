@@ -145,11 +145,18 @@ def main(argv=None) -> int:
             print(f"held-out PSNR {k}: LIIF {figures[f'psnr_liif_db_{k}']:.2f} dB, "
                   f"bicubic {figures[f'psnr_bicubic_db_{k}']:.2f} dB")
         if args.ship:
+            from vision.hub import read_index
+
+            train_time = (f"{elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads" if device.type == "cpu"
+                          else f"{elapsed / 60:.1f} min on {device}")
+            previous = read_index().get(args.init) if args.init else None
+            if previous:  # fine-tuned from a shipped model: record the whole chain
+                command = f"{previous['trained_with']} && {command}"
+                train_time = f"{previous['train_time']}, then {train_time}"
             entry = register_shipped(
                 args.ship, final.cpu(), kind="decoder", trained_with=command,
                 data=f"{len(train_files)} photos ({', '.join(Path(p).stem for p in train_files)})",
-                train_time=f"{elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads"
-                if device.type == "cpu" else f"{elapsed / 60:.1f} min on {device}",
+                train_time=train_time,
                 metrics={k: round(v, 3) for k, v in figures.items()},
                 metrics_protocol="vision.decoders.evaluate.evaluate_upscaler on the held-out photos "
                 f"({', '.join(Path(p).stem for p in val_files)}); rerun: python -m apps.benchmark upscale",
