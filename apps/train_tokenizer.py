@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         images = batch[0]
         out = wrapped["tokenizer"](images)
         recon, q = out[0], out[1]
-        if "disc" in opts:
+        if "disc" in opts and step >= args.disc_start:  # only what this step's discriminator phase consumes
             pending.append(recon.detach())
         disc = wrapped.get("disc")
         if is_vqrae:
@@ -234,6 +234,8 @@ def main(argv=None) -> int:
                                    discriminator=disc)
 
     def discriminator(batch, step):
+        if not pending:
+            raise RuntimeError("the discriminator phase found no reconstruction from this step's generator phase")
         return crit.discriminator_loss(batch[0], pending.pop(0), step, discriminator=wrapped["disc"])
 
     phases = [Phase("gen", "gen", generator, models=("tokenizer",))]
