@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vision.nn.distributed import world_size
+
 from .quantizers import QuantizerOutput
 
 
@@ -171,11 +173,17 @@ def adaptive_gan_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, di
     """VQGAN's balance: ||∇_L nll|| / (||∇_L g|| + eps), clamped to [0, max_weight], detached, · disc_weight.
 
     Returns 0 where no gradient can be taken (no grad mode), as the official code does in evaluation.
+    Under torch.distributed both gradients are averaged over processes first (the official code takes
+    each process's own), so the weight is the single-process one of the global batch.
     """
     if not (torch.is_grad_enabled() and nll_loss.requires_grad and g_loss.requires_grad):
         return nll_loss.new_zeros(())
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if world_size() > 1:
+        both = torch.stack([nll_grads, g_grads])
+        dist.all_reduce(both)
+        nll_grads, g_grads = both / world_size()
     weight = torch.norm(nll_grads) / (torch.norm(g_grads) + eps)
     return torch.clamp(weight, 0.0, max_weight).detach() * disc_weight
 

@@ -28,10 +28,10 @@ def weights(out):
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-def assert_same(a, b, atol=0.0):
+def assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k].double(), b[k].double(), atol=atol, rtol=0), k
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.xdist_group("train")
@@ -53,18 +53,30 @@ def test_gan_training_resumes_exactly_after_sigkill(tmp_path):
 
 
 @pytest.mark.xdist_group("train")
-def test_two_process_ddp_equals_one_process(tmp_path):
-    # VQ with no GAN: no BatchNorm and no batch-level statistics in the loss, so the global batch decides
-    args = ["--model", "vq-tiny-f4", *TINY, "--no-gan", "--steps", "6", "--checkpoint-every", "6"]
+@pytest.mark.parametrize("setup", [
+    ["--model", "vq-tiny-f4", "--no-gan", "--steps", "6"],
+    # The PatchGAN's BatchNorm, GQ's codebook entropy, LeCAM's EMAs and the adaptive GAN weight are
+    # batch-level statistics, each taken over the global batch, so two processes train one model.
+    # Two steps only: sign quantization is discontinuous, so once rounding has moved a weight, latents
+    # near zero flip bits and the runs part ways (as two single-process runs on different BLAS would).
+    ["--model", "wetok-tiny-f4", "--gan-weight", "adaptive", "--steps", "2", "--log-every", "1"],
+], ids=["vq", "wetok-gan"])
+def test_two_process_ddp_equals_one_process(tmp_path, setup):
+    args = [*TINY, *setup, "--checkpoint-every", "6"]
     train(tmp_path / "one", *args)
     train(tmp_path / "two", *args, launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
                                              "--nproc_per_node", "2", "-m"))
-    # Losses agree to float rounding; Adam divides each gradient by its own running RMS, which turns the
-    # ~1e-7 rounding differences of an all-reduced gradient into up to ~4e-6 on near-zero gradients.
-    assert_same(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=2e-5)
-    losses = [[json.loads(l)["gen_loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
-    assert np.allclose(*losses, rtol=1e-6, atol=0)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    diff = torch.cat([(one[k].double() - two[k].double()).abs().flatten() for k in one])
+    # Adam divides each gradient by its own RMS, so a gradient that is pure rounding noise (~1e-9, next to
+    # eps = 1e-8) moves its weight by a random fraction of the learning rate (1e-3). Those are a handful
+    # of the ~1e5 weights; every other one agrees to 1 % of a step. (Per-process BatchNorm: ~90 % differ.)
+    assert (diff > 1e-5).double().mean() < 1e-4, f"{int((diff > 1e-5).sum())} weights differ"
+    lines = [[json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("one", "two")]
+    for key in [k for k in lines[0][0] if k.endswith("loss")]:
+        assert np.allclose(*[[line[key] for line in run] for run in lines], rtol=1e-5, atol=0), key
 
 
 @pytest.mark.xdist_group("train")

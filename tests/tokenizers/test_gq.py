@@ -115,3 +115,34 @@ def test_defaults_follow_wetok():
     assert (gq.entropy_weight, gq.commitment_weight, gq.temperature, gq.codebook_entropy) == (0.1, 0.25, 0.01, "pooled")
     with pytest.raises(ValueError):
         gq(torch.randn(1, 16, 2, 2))
+
+
+def _gq_input():
+    return torch.randn(4, 16, 3, 3, generator=torch.Generator().manual_seed(3)) * 0.05
+
+
+def _gq_rank(rank, world, mode):
+    x = _gq_input()[rank * 2: rank * 2 + 2].clone().requires_grad_(True)
+    out = GroupQuantizer(2, 8, codebook_entropy=mode).train()(x)
+    out.losses["entropy"].backward()
+    return out.metrics["codebook_entropy"], x.grad, out.metrics["utilisation"]
+
+
+@pytest.mark.parametrize("mode", ["pooled", "per_group"])
+def test_codebook_entropy_is_taken_over_the_global_batch_under_ddp(tmp_path, mode):
+    from tests.helpers.two_processes import run_two_processes
+
+    x = _gq_input().requires_grad_(True)
+    out = GroupQuantizer(2, 8, codebook_entropy=mode).train()(x)
+    out.losses["entropy"].backward()
+    ranks = run_two_processes(tmp_path, _gq_rank, mode)
+    local = GroupQuantizer(2, 8, codebook_entropy=mode).train()(_gq_input()[:2])
+    assert abs(local.metrics["codebook_entropy"] - out.metrics["codebook_entropy"]) > 1e-3  # the halves differ
+    assert local.metrics["utilisation"] < out.metrics["utilisation"]
+    for entropy, _, utilisation in ranks:
+        assert entropy == pytest.approx(out.metrics["codebook_entropy"], abs=1e-5)
+        assert utilisation == out.metrics["utilisation"]  # codes used anywhere in the global batch
+    # per-process gradients average (DDP) to the single-process one: per-sample part is a local mean,
+    # the codebook part arrives summed over both processes
+    grad = torch.cat([g for _, g, _ in ranks])
+    torch.testing.assert_close(grad / 2, x.grad, rtol=1e-4, atol=1e-6)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vision.nn.distributed import global_mean, world_size
+
 from . import QuantizerOutput, straight_through
 
 
@@ -114,6 +116,8 @@ class GroupQuantizer(nn.Module):
         with torch.no_grad():
             used = torch.zeros(self.groups, self.codebook_size, device=z.device)
             used.scatter_(1, ids.reshape(-1, self.groups).T, 1.0)
+            if self.training and world_size() > 1:  # codes used anywhere in the global batch
+                torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
             metrics["utilisation"] = used.mean().item()
 
         quantized = straight_through(code, x).reshape(b, -1, self.dim).movedim(-1, 1).reshape(z.shape)
@@ -123,17 +127,19 @@ class GroupQuantizer(nn.Module):
     def entropy_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(per-sample entropy, codebook entropy) of ``x`` shaped ``(..., G, d)``.
 
-        Only ``(..., G, 2**d)`` logits are formed, never the ``2**(G*d)`` joint codebook.
+        Only ``(..., G, 2**d)`` logits are formed, never the ``2**(G*d)`` joint codebook. Under
+        torch.distributed the average distribution is that of the global batch (WeTok's code takes
+        each process's own), so N processes train what one process would on the whole batch.
         """
         logits = 2 * x.float() @ self.codebook.T / self.temperature  # (..., G, 2**d)
         probs = logits.softmax(-1)
         if self.codebook_entropy == "pooled":  # WeTok entropy_loss
             per_sample = -(probs * logits.log_softmax(-1)).sum(-1).mean()
-            avg = probs.reshape(-1, self.codebook_size).mean(0)  # all groups in one distribution
+            avg = global_mean(probs.reshape(-1, self.codebook_size))  # all groups in one distribution
             codebook = -(avg * torch.log(avg + self.eps)).sum()
         else:  # vector-quantize-pytorch LFQ
             per_sample = -(probs * probs.clamp(min=self.eps).log()).sum(-1).mean()
-            avg = probs.reshape(-1, self.groups, self.codebook_size).mean(0)
+            avg = global_mean(probs.reshape(-1, self.groups, self.codebook_size))
             codebook = -(avg * avg.clamp(min=self.eps).log()).sum(-1).mean()
         return per_sample, codebook
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from vision.nn import convert_sync_batchnorm
 from vision.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vision.train.distributed import DistInfo, all_reduce_mean, barrier, setup_distributed
 from vision.train.ema import EMA
@@ -128,11 +129,17 @@ class Trainer:
     def prepare(self, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                 schedulers: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None,
                 ema_of: str | None = None) -> dict[str, nn.Module]:
-        """Move models to the device, wrap trainable ones in DDP, attach EMA. Returns the models to call."""
+        """Move models to the device, wrap trainable ones in DDP, attach EMA. Returns the models to call.
+
+        Under DDP, BatchNorm layers of trainable models are synchronised (`vision.nn.convert_sync_batchnorm`)
+        so that N processes train the same network as one process on the whole batch.
+        """
         for name, model in models.items():
             model.to(self.device)
-            self.raw[name] = model
             trainable = any(p.requires_grad for p in model.parameters())
+            if self.dist.distributed and trainable:
+                model = convert_sync_batchnorm(model)
+            self.raw[name] = model
             if self.dist.distributed and trainable:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.models[name] = DDP(model, device_ids=ids)
