@@ -214,20 +214,71 @@ def test_tiny_wetok_learns_to_reconstruct_mnist():
     x = (digits.float() / 127.5 - 1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
     train, test = x[:4000], x[4000:4256]
     torch.manual_seed(0)
-    model = WeTok(wetok_config("wetok-tiny-f4")).train()
-    crit = WeTokLoss(perceptual_weight=0.0, gan=False)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    model = WeTok(wetok_config("wetok-tiny-f4"))
     g = torch.Generator().manual_seed(0)
-    for step in range(150):
-        batch = train[torch.randint(0, len(train), (8,), generator=g)]
+    l1, median_l1 = _train_stage1(model, lambda: train[torch.randint(0, len(train), (8,), generator=g)], test,
+                                  steps=150, lr=2e-3)
+    assert l1 < 0.75 * median_l1, (l1, median_l1)
+
+
+def _train_stage1(model, next_batch, test, steps: int, lr: float, cosine: bool = False) -> tuple[float, float]:
+    """WeTok's stage-1 loss without LPIPS/GAN, Adam(betas 0.5, 0.9); returns the held-out L1 and the L1
+    of each test image's own median (the best constant reconstruction under L1)."""
+    model.train()
+    crit = WeTokLoss(perceptual_weight=0.0, gan=False)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
+    for step in range(steps):
+        batch = next_batch()
         recon, q = model(batch)
-        loss, logs = crit.generator_loss(batch, recon, q, step)
+        loss, _ = crit.generator_loss(batch, recon, q, step)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
     model.eval()
     with torch.no_grad():
         recon = model.decode(model.encode(test))
-    l1 = (recon - test).abs().mean().item()
     median_l1 = (test - test.flatten(2).median(dim=2).values[..., None, None]).abs().mean().item()
-    assert l1 < 0.75 * median_l1, (l1, median_l1)
+    return (recon - test).abs().mean().item(), median_l1
+
+
+def _photo_crops(images: list[torch.Tensor], n: int, g: torch.Generator, size: int = 32) -> torch.Tensor:
+    out = []
+    for _ in range(n):
+        image = images[int(torch.randint(len(images), (1,), generator=g))]
+        i = int(torch.randint(image.shape[1] - size + 1, (1,), generator=g))
+        j = int(torch.randint(image.shape[2] - size + 1, (1,), generator=g))
+        out.append(image[:, i:i + size, j:j + size])
+    return torch.stack(out)
+
+
+def test_tiny_32_bit_wetok_learns_to_reconstruct_real_photo_crops():
+    """800 steps of WeTok's stage-1 loss (L1 + entropy + commitment; no LPIPS/GAN offline) on 32x32 crops
+    of the 14 training photos at half resolution, 4 groups x 8 bits per 4x4 patch, Adam 1e-3 with a
+    cosine schedule; evaluated on crops of the 4 held-out photos.
+
+    Bound: L1 below 0.85 x the L1 of each crop's own median, the best constant reconstruction under
+    L1 (0.193 here): below it only a model that encodes spatial structure gets. Seeds 0-2 reach
+    0.67-0.75 x; the untrained model is at 3.1 x. (For scale: 4x4 block means in float, far more than
+    32 bits per patch, reach 0.34 x.)
+    """
+    import torch.nn.functional as F
+
+    from vision.data.images import read_image
+    from vision.data.samples import split_photos
+
+    train_files, held_out = split_photos()
+
+    def load(files):
+        return [F.interpolate(read_image(f)[None], scale_factor=0.5, mode="bilinear", antialias=True)[0]
+                for f in files]
+
+    train_images, test = load(train_files), _photo_crops(load(held_out), 256, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = WeTok(wetok_config("wetok-tiny-f4", z_channels=32, groups=4))
+    g = torch.Generator().manual_seed(0)
+    l1, median_l1 = _train_stage1(model, lambda: _photo_crops(train_images, 8, g), test, steps=800, lr=1e-3,
+                                  cosine=True)
+    assert l1 < 0.85 * median_l1, (l1, median_l1)
