@@ -38,6 +38,8 @@ def parse(argv):
     p.add_argument("--val", help="folder of held-out HR images for validation PSNR (default: held-out sample photos)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="lite", help="model size")
     p.add_argument("--encoder", choices=["edsr-baseline", "rdn"], default="edsr-baseline", help="LIIF encoder")
+    p.add_argument("--skip", choices=["none", "bicubic"], default="none", help="'bicubic': the MLP predicts a "
+                   "residual over bicubic upsampling (not in LIIF; converges much faster on little data)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--milestones", default="0.2,0.4,0.6,0.8", help="fractions of --steps where the LR halves")
     p.add_argument("--inp-size", type=int, default=48, help="LR crop side")
@@ -60,7 +62,7 @@ def build_model(args):
     enc, hidden = PRESETS[args.preset]
     if args.encoder == "rdn":
         enc = {}
-    return LIIF(LIIFConfig(encoder=args.encoder, encoder_args=dict(enc), hidden_list=list(hidden)))
+    return LIIF(LIIFConfig(encoder=args.encoder, encoder_args=dict(enc), hidden_list=list(hidden), skip=args.skip))
 
 
 def image_lists(args) -> tuple[list, list]:

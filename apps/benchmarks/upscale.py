@@ -34,8 +34,13 @@ def _reference_upscale(model, x: torch.Tensor, size: tuple[int, int], chunk: int
     coord = make_coord(size).unsqueeze(0)
     cell = make_cell(1, h * w, size)
     feat = model.encode(x)
-    preds = [model.query_reference(feat, coord[:, i:i + chunk], cell[:, i:i + chunk])
-             for i in range(0, h * w, chunk)]
+
+    def query(c: torch.Tensor, cl: torch.Tensor) -> torch.Tensor:
+        out = model.query_reference(feat, c, cl)
+        # the shipped model adds a bicubic skip (not in LIIF); the fast path adds the same
+        return out + model.skip_rgb(x, c) if model.config.skip == "bicubic" else out
+
+    preds = [query(coord[:, i:i + chunk], cell[:, i:i + chunk]) for i in range(0, h * w, chunk)]
     return torch.cat(preds, dim=1).view(1, h, w, -1).permute(0, 3, 1, 2).clamp(-1, 1)
 
 

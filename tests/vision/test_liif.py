@@ -20,6 +20,8 @@ def random_liif(seed: int = 0, **config) -> LIIF:
     torch.manual_seed(seed)
     model = LIIF(LIIFConfig(**config)).eval()
     with torch.no_grad():
+        if model.config.skip != "none":  # its residual head starts at zero
+            model.imnet.layers[-1].reset_parameters()
         for name, p in model.named_parameters():
             if name.endswith("bias") and "mean" not in name:
                 p.normal_(0, 0.05)
@@ -181,7 +183,8 @@ def test_fast_path_default_config_and_gradients():
     assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("config", [SMALL_EDSR, SMALL_RDN], ids=["edsr", "rdn"])
+@pytest.mark.parametrize("config", [SMALL_EDSR, SMALL_RDN, {**SMALL_EDSR, "skip": "bicubic"}],
+                         ids=["edsr", "rdn", "edsr-bicubic-skip"])
 def test_tiled_equals_untiled(config, monkeypatch):
     model = random_liif(**config)
     x = torch.randn(2, 3, 23, 30)
@@ -225,3 +228,25 @@ def test_registered_decoder_round_trips(tmp_path):
     x = torch.rand(1, 3, 6, 7) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded.decode(x, (9, 11)), model.decode(x, (9, 11)))
+
+
+def test_bicubic_skip_starts_at_bicubic_and_is_a_residual():
+    """skip='bicubic' (not in LIIF): output = MLP residual + bicubic upsampling of the input."""
+    import torch.nn.functional as F
+
+    x = torch.rand(2, 3, 13, 17) * 2 - 1
+    size = (48, 37)  # x3.7 rows, a downscale-ish x2.2 columns
+    untrained = LIIF(LIIFConfig(**SMALL_EDSR, skip="bicubic")).eval()  # residual head starts at zero
+    bicubic = F.interpolate(x.double(), size=size, mode="bicubic", align_corners=False).float()
+    with torch.no_grad():
+        assert (untrained.decode(x, size) - bicubic).abs().max() <= 1e-5
+        model = random_liif(**SMALL_EDSR, skip="bicubic")
+        plain = LIIF(LIIFConfig(**SMALL_EDSR))
+        plain.load_state_dict(model.state_dict())
+        out = model.decode(x, size)
+        assert (out - plain.eval().decode(x, size) - bicubic).abs().max() <= 1e-5
+        coord = make_coord(size).unsqueeze(0).expand(2, -1, -1)
+        trained_path = model(x, coord, make_cell(2, coord.shape[1], size)).view(2, *size, 3).permute(0, 3, 1, 2)
+        assert (trained_path - out).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="skip"):
+        LIIF(LIIFConfig(**SMALL_EDSR, skip="bilinear"))

@@ -44,6 +44,9 @@ class LIIFConfig:
     local_ensemble: bool = True
     feat_unfold: bool = True
     cell_decode: bool = True
+    # Not in LIIF: "bicubic" adds the bicubic upsampling of the input at each query, so the MLP
+    # learns a residual (VDSR's global skip; LTE adds a bilinear one). Official checkpoints: "none".
+    skip: str = "none"
 
 
 def make_encoder(name: str, args: dict[str, Any]) -> nn.Module:
@@ -131,6 +134,13 @@ class LIIF(nn.Module):
         feat_dim = self.encoder.out_dim * (9 if config.feat_unfold else 1)
         self.num_pos = 2 + (2 if config.cell_decode else 0)  # rel_coord (+ rel_cell)
         self.imnet = MLP(feat_dim + self.num_pos, config.out_dim, config.hidden_list)
+        if config.skip not in ("none", "bicubic"):
+            raise ValueError(f"unknown LIIF skip {config.skip!r}; expected 'none' or 'bicubic'")
+        if config.skip == "bicubic" and config.out_dim != 3:
+            raise ValueError("skip='bicubic' adds the RGB input to the output, so out_dim must be 3")
+        if config.skip == "bicubic":  # the residual starts at zero: an untrained model is bicubic
+            nn.init.zeros_(self.imnet.layers[-1].weight)
+            nn.init.zeros_(self.imnet.layers[-1].bias)
 
     @property
     def shifts(self) -> list[tuple[int, int]]:
@@ -145,7 +155,24 @@ class LIIF(nn.Module):
 
     def forward(self, x: Tensor, coord: Tensor, cell: Tensor | None = None) -> Tensor:
         """Training signature of the official model: (B, Q, 2) coords and cells -> (B, Q, out_dim)."""
-        return self.query(self.encode(x), coord, cell)
+        out = self.query(self.encode(x), coord, cell)
+        return out + self.skip_rgb(x, coord) if self.config.skip == "bicubic" else out
+
+    def skip_rgb(self, x: Tensor, coord: Tensor, window: tuple[int, int, int, int] | None = None) -> Tensor:
+        """Bicubic samples (B, Q, C) of the input at pixel-centre coords (edges replicated).
+
+        `x` may be the crop [r0:r1, c0:c1] = `window` of a full (h, w) input; `coord` stays in the
+        full image's frame. Equals F.interpolate(mode='bicubic', align_corners=False) on a grid.
+        """
+        # float64 so that a crop's re-normalised grid picks the same points as the full image's
+        grid = coord.double()
+        if window is not None:
+            r0, c0, h, w = window
+            hc, wc = x.shape[-2:]
+            grid = grid * grid.new_tensor([h / hc, w / wc]) - grid.new_tensor([(2 * r0 + hc - h) / hc, (2 * c0 + wc - w) / wc])
+        out = F.grid_sample(x.double(), grid.flip(-1).unsqueeze(1), mode="bicubic", padding_mode="border",
+                            align_corners=False).to(x.dtype)
+        return out[:, :, 0, :].permute(0, 2, 1)
 
     def query_reference(self, feat: Tensor, coord: Tensor, cell: Tensor | None = None) -> Tensor:
         """Official `query_rgb`, step for step (slow: unfolds 9C channels, 4 full MLP passes)."""
@@ -285,6 +312,8 @@ class LIIF(nn.Module):
                 coord = coord.view(1, -1, 2).expand(bsz, -1, -1)
                 cell = make_cell(bsz, coord.shape[1], (H, W), x.device) if self.config.cell_decode else None
                 pred = self.query_projected(z, coord, cell, (h, w), (fy0 + top, fx0 + left), chunk)
+                if self.config.skip == "bicubic":
+                    pred = pred + self.skip_rgb(x[:, :, r0:r1, c0:c1], coord, (r0, c0, h, w))
                 out[:, :, i0:i1, j0:j1] = pred.view(bsz, i1 - i0, j1 - j0, -1).permute(0, 3, 1, 2)
         return out
 
