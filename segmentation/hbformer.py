@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vision.hub import load_official_state_dict, register_model
+from vision.hub import check_state_dict, load_official_state_dict, register_model
 
 __all__ = ["HBFormerConfig", "HBFormer", "pseudo_hdr", "swin_window_size", "Med_DSPP", "from_official"]
 
@@ -360,22 +360,6 @@ def from_official(checkpoint: Mapping[str, Any] | str | Path, config: HBFormerCo
             raise ValueError(f"Swin window {window}: pass an HBFormerConfig with the training img_size")
         config = HBFormerConfig(num_classes=num_classes, feature_size=feature_size, img_size=img_size)
     model = HBFormer(config)
-    _load_exact(model, state, "HBFormer")
-    return model
-
-
-def _load_exact(model: nn.Module, state: Mapping[str, Tensor], family: str) -> None:
-    expected = model.state_dict()
-    for k, v in state.items():
-        if k not in expected:
-            raise ValueError(f"official {family} key {k!r} has no counterpart in this model")
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(
-                f"official {family} key {k!r}: shape {tuple(v.shape)} != expected {tuple(expected[k].shape)}"
-            )
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"official {family} checkpoint lacks {len(missing)} keys, e.g. {missing[0]!r}")
-    if len(state) != len(expected):
-        raise ValueError(f"key count mismatch: {len(state)} official vs {len(expected)} expected")
+    check_state_dict(model.state_dict(), state, "official HBFormer checkpoint")
     model.load_state_dict(state, strict=True)
+    return model

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from segmentation.pixel_shuffle import PixelShuffleND
 from segmentation.wavelets import wavelet_pyramid
-from vision.hub import load_official_state_dict, register_model
+from vision.hub import check_state_dict, load_official_state_dict, register_model
 
 __all__ = ["NeUNetConfig", "NeUNet", "ConvWithPixelShuffle", "from_official"]
 
@@ -309,15 +309,7 @@ def from_official(checkpoint: Mapping[str, Any] | str | Path, config: NeUNetConf
     if config is None:
         config = _infer_config(state, _plans_config(checkpoint))
     model = NeUNet(config)
-    expected = model.state_dict()
-    for k, v in state.items():
-        if k not in expected:
-            raise ValueError(f"official neU-Net key {k!r} has no counterpart in this model")
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"official neU-Net key {k!r}: shape {tuple(v.shape)} != expected {tuple(expected[k].shape)}")
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"official neU-Net checkpoint lacks {len(missing)} keys, e.g. {missing[0]!r}")
+    check_state_dict(model.state_dict(), state, "official neU-Net checkpoint")
     model.load_state_dict(state, strict=True)
     return model
 

@@ -175,15 +175,9 @@ def from_pretrained(name_or_path: str | os.PathLike, *, device: str | torch.devi
 def _instantiate(arch: str, config: dict, weights_path: Path, device) -> nn.Module:
     model = build_model(arch, config)
     state = load_file(str(weights_path))
-    missing, unexpected = _key_diff(model.state_dict(), state)
-    if missing or unexpected:
-        raise HubError(f"{weights_path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    check_state_dict(model.state_dict(), state, str(weights_path))
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-def _key_diff(expected: dict, got: dict) -> tuple[list[str], list[str]]:
-    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
 
 
 def read_index(weights_dir: Path | None = None) -> dict[str, dict]:
@@ -243,6 +237,20 @@ def register_shipped(name: str, model: nn.Module, *, kind: str, trained_with: st
 
 
 # ---------------------------------------------------------------- official checkpoints
+
+
+def check_state_dict(expected: dict, given: dict, source: str) -> None:
+    """Refuse weights that do not cover a model exactly: one HubError naming `source` and the first
+    unexpected key, mis-shaped key or missing key (with how many there are)."""
+    unexpected = [k for k in given if k not in expected]
+    if unexpected:
+        raise HubError(f"{source}: {len(unexpected)} unexpected keys, first {unexpected[0]!r} (no counterpart in the model)")
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise HubError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model needs {tuple(expected[key].shape)}")
+    missing = [k for k in expected if k not in given]
+    if missing:
+        raise HubError(f"{source}: {len(missing)} missing keys, first {missing[0]!r}")
 
 
 def load_official_state_dict(path: str | os.PathLike) -> Any:

@@ -86,7 +86,7 @@ def test_from_official_fails_loudly():
     sd = _fake_official()
     bad = dict(sd)
     bad.pop("MFF_decoder2.Med_DSPP.fuse.weight")
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="missing keys"):
         from_official(bad)
     bad = dict(sd, **{"MFF_decoder1.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="MFF_decoder1.extra.weight"):

@@ -46,7 +46,7 @@ def test_pytorch_fid_file_loads_and_converts(tmp_path):
     assert torch.equal(net.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
     with pytest.raises(ValueError, match="unexpected keys, first 'extra.weight'"):
         load_fid_inception_state_dict(net, {**state, "extra.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match="lack 1 keys, first 'fc.bias'"):
+    with pytest.raises(ValueError, match="1 missing keys, first 'fc.bias'"):
         load_fid_inception_state_dict(net, {k: v for k, v in state.items() if k != "fc.bias"})
 
     dst = convert_inception(tmp_path / "pt_inception.pth", tmp_path / "out" / "inception.safetensors")

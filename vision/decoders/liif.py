@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from vision.decoders.edsr import EDSR, EDSRConfig
 from vision.decoders.rdn import RDN, RDN_PRESETS, RDNConfig
-from vision.hub import HubError, load_official_state_dict, register_model
+from vision.hub import HubError, check_state_dict, load_official_state_dict, register_model
 
 DEFAULT_CHUNK = 30000  # queries per MLP batch; official `eval_bsize`
 ENSEMBLE_EPS = 1e-6  # official `eps_shift`, keeps shifted queries off latent cell borders
@@ -404,7 +404,7 @@ def from_official(checkpoint: dict | str | os.PathLike) -> LIIF:
     """Build a LIIF from an official release (`{'model': {'name', 'args', 'sd'}, ...}`) or its path.
 
     Official and Tessera parameter names coincide, so the mapping is the identity; every key is
-    still checked both ways, with shapes, and anything unmapped raises (a ValueError naming it).
+    still checked both ways, with shapes, and anything unmapped raises (a HubError naming it).
     """
     if not isinstance(checkpoint, dict):
         checkpoint = load_official_state_dict(checkpoint)
@@ -412,17 +412,6 @@ def from_official(checkpoint: dict | str | os.PathLike) -> LIIF:
     if not isinstance(spec, dict) or spec.get("name") != "liif" or "sd" not in spec:
         raise HubError("not an official LIIF checkpoint: expected {'model': {'name': 'liif', 'args', 'sd'}}")
     model = LIIF(config_from_official(spec.get("args", {})))
-    official, ours = spec["sd"], model.state_dict()
-    mapped = {}
-    for key, value in official.items():
-        if key not in ours:
-            raise HubError(f"official LIIF key {key!r} has no counterpart in Tessera's LIIF")
-        if tuple(value.shape) != tuple(ours[key].shape):
-            raise HubError(f"official LIIF key {key!r}: shape {tuple(value.shape)}, expected {tuple(ours[key].shape)}")
-        mapped[key] = value
-    missing = [k for k in ours if k not in mapped]
-    if missing:
-        raise HubError(f"official LIIF checkpoint lacks {missing[0]!r} ({len(missing)} missing keys)")
-    assert len(mapped) == len(ours) == len(official)
-    model.load_state_dict(mapped, strict=True)
+    check_state_dict(model.state_dict(), spec["sd"], "official LIIF checkpoint")
+    model.load_state_dict(spec["sd"], strict=True)
     return model.eval()

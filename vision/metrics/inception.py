@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vision.hub import check_state_dict
+
 INPUT_SIZE = 299
 POOL_DIM = 2048
 NUM_LOGITS = 1008
@@ -294,13 +296,5 @@ def load_fid_inception_state_dict(model: FIDInceptionV3, state_dict: dict[str, T
     """
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing:
-        raise ValueError(f"Inception weights lack {len(missing)} keys, first {missing[0]!r}")
-    if unexpected:
-        raise ValueError(f"Inception weights have {len(unexpected)} unexpected keys, first {unexpected[0]!r}")
-    for k, v in expected.items():
-        if tuple(given[k].shape) != tuple(v.shape):
-            raise ValueError(f"Inception key {k!r}: shape {tuple(given[k].shape)}, expected {tuple(v.shape)}")
+    check_state_dict(expected, given, "Inception weights")
     model.load_state_dict({k: t.to(torch.float32) for k, t in given.items()}, strict=False)
