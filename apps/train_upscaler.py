@@ -115,7 +115,8 @@ def main(argv=None) -> int:
 
         init_model = from_pretrained(args.init)
         if init_model.config != model.config:
-            raise UserError(f"--init {args.init} does not match --preset {args.preset} --encoder {args.encoder}")
+            raise UserError(f"--init {args.init} does not match --preset {args.preset} --encoder {args.encoder} "
+                            f"--skip {args.skip}")
         model.load_state_dict(init_model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(m * args.steps) for m in milestones], gamma=0.5)

@@ -165,12 +165,13 @@ class LIIF(nn.Module):
         full image's frame. Equals F.interpolate(mode='bicubic', align_corners=False) on a grid.
         """
         # float64 so that a crop's re-normalised grid picks the same points as the full image's
-        grid = coord.double()
+        # (MPS has no float64: there tiled and untiled may differ by float32 rounding)
+        grid = coord.to(torch.float32 if x.device.type == "mps" else torch.float64)
         if window is not None:
             r0, c0, h, w = window
             hc, wc = x.shape[-2:]
             grid = grid * grid.new_tensor([h / hc, w / wc]) - grid.new_tensor([(2 * r0 + hc - h) / hc, (2 * c0 + wc - w) / wc])
-        out = F.grid_sample(x.double(), grid.flip(-1).unsqueeze(1), mode="bicubic", padding_mode="border",
+        out = F.grid_sample(x.to(grid.dtype), grid.flip(-1).unsqueeze(1), mode="bicubic", padding_mode="border",
                             align_corners=False).to(x.dtype)
         return out[:, :, 0, :].permute(0, 2, 1)
 
