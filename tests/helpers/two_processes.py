@@ -21,4 +21,4 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> No
 def run_two_processes(tmp_path: Path, fn, *args) -> list:
     """`fn(rank, world_size, *args)` in each of two processes (fn must be importable: module level)."""
     mp.spawn(_worker, args=(2, str(tmp_path / "dist_init"), str(tmp_path), fn, args), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
