@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
+from vision import argtypes
+from vision.cli import ArgumentParser, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
 
 
@@ -49,10 +50,13 @@ class ShiftedDigits:
 
 def parse(argv):
     p = ArgumentParser(prog="python -m apps.train_classifier", description=__doc__.split("\n\n")[0].split(" — ")[1])
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (AdamW)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--shift", type=int, default=2, help="random translation in pixels (augmentation)")
-    p.add_argument("--holdout-per-class", type=int, default=100, help="digits per class kept out of training")
+    p.add_argument("--lr", type=argtypes.positive_float, default=3e-3,
+                   help="peak learning rate of the one-cycle schedule (AdamW)")
+    p.add_argument("--weight-decay", type=argtypes.non_negative_float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--shift", type=argtypes.number(int, min=0, max=31), default=2,
+                   help="random translation in pixels (augmentation; the digits are 32x32)")
+    p.add_argument("--holdout-per-class", type=argtypes.number(int, min=1, max=499), default=100,
+                   help="digits per class kept out of training (MNIST-5k has 500 per class)")
     p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its "
                    "index.json entry (command, train time, held-out accuracy)")
     add_train_args(p, batch_size=64, max_steps=1200, checkpoint_every=300, log_every=20)
@@ -79,19 +83,11 @@ def main(argv=None) -> int:
 
     args = parse(argv)
     command = "python -m apps.train_classifier " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if not 0 < args.holdout_per_class < 500:
-        raise UserError(f"--holdout-per-class must be in 1..499 (MNIST-5k has 500 per class), "
-                        f"got {args.holdout_per_class}")
-    if args.shift < 0:
-        raise UserError(f"--shift must be >= 0, got {args.shift}")
     device = resolve_device(args.device)
     seed_everything(args.seed)
     (train_x, train_y), (held_x, held_y) = mnist5k_split(args.holdout_per_class)
     data = ShiftedDigits(train_x, train_y, args.shift)
-    try:
-        trainer = Trainer(train_config_from_args(args, str(device)), data)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    trainer = Trainer(train_config_from_args(args, str(device)), data)  # a ConfigError is reported as error:
     model = MNISTClassifier(MNISTClassifierConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps)

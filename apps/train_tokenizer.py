@@ -14,6 +14,7 @@ grids are saved as PNG at each checkpoint; quantizer utilisation and perplexity 
 """
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vision import argtypes
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
 
@@ -43,24 +45,56 @@ def parse(argv):
     p = ArgumentParser(prog="python -m apps.train_tokenizer", description=__doc__.split("\n\n")[0].split(" — ")[1])
     p.add_argument("--model", required=True, help=f"configuration: {', '.join(model_names())}")
     p.add_argument("--data", required=True, help="ImageNet-layout (or flat) image folder, or 'mnist5k'")
-    p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the config's)")
+    p.add_argument("--image-size", type=argtypes.positive_int, default=None,
+                   help="training resolution, a multiple of the model's downsampling (default: the config's)")
     p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="2: WeTok generative decoder / VQRAE distillation")
     p.add_argument("--init", help="stage 2: the stage-1 model (save_pretrained folder or shipped name)")
-    p.add_argument("--encoder-weights", help="VQRAE: local file with the pretrained ViT weights")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (both networks)")
-    p.add_argument("--perceptual-weight", type=float, default=1.0,
+    p.add_argument("--encoder-weights", help="VQRAE stage 1 (required): local file with the pretrained ViT weights "
+                   "(timm state dict); VQRAE is defined by its pretrained encoder")
+    p.add_argument("--random-encoder", action="store_true", help="VQRAE stage 1: start from a random encoder "
+                   "instead of --encoder-weights (tests and smoke runs only)")
+    p.add_argument("--lr", type=argtypes.positive_float, default=1e-4, help="Adam learning rate (both networks)")
+    p.add_argument("--perceptual-weight", type=argtypes.non_negative_float, default=1.0,
                    help="LPIPS weight; needs the VGG16 backbone in the torch hub cache (0 turns it off)")
     p.add_argument("--lpips-backbone", help="path of torchvision's vgg16-397923af.pth if not in the hub cache")
-    p.add_argument("--gan-weight", default="0.1", help="fixed GAN weight (WeTok: 0.1), or 'adaptive' (VQGAN)")
-    p.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator starts")
+    p.add_argument("--gan-weight", type=gan_weight, default="0.1",
+                   help="fixed GAN weight >= 0 (WeTok: 0.1), or 'adaptive' (VQGAN)")
+    p.add_argument("--disc-start", type=argtypes.non_negative_int, default=0,
+                   help="step at which the discriminator starts")
     p.add_argument("--no-gan", action="store_true", help="train without the discriminator")
     p.add_argument("--val", metavar="DIR", help="after training, rFID (+ PSNR/SSIM/LPIPS) on this folder via "
                    "`python -m apps.evaluate rfid`; needs the FID Inception weights")
-    p.add_argument("--val-num", type=int, default=None, help="images of --val to use (default: all)")
+    p.add_argument("--val-num", type=argtypes.positive_int, default=None, help="images of --val to use (default: all)")
     p.add_argument("--ship", metavar="NAME", help="write weights/NAME.safetensors with its index.json entry")
     add_train_args(p, batch_size=32, max_steps=10000, checkpoint_every=1000, log_every=20)
     add_common_args(p)
+    p.add_check(check_image_size_option)
     return p.parse_args(argv)
+
+
+def check_image_size_option(args) -> None:
+    """--image-size against the named model's downsampling, while parsing (stage 2: training_size, once loaded)."""
+    from tokenizers.vq import VQ_CONFIGS
+    from tokenizers.wetok import WETOK_CONFIGS
+
+    if not args.image_size or args.stage != 1:
+        return
+    config = WETOK_CONFIGS.get(args.model) or VQ_CONFIGS.get(args.model)
+    step = config.downsample if config else VQRAE_CONFIGS.get(args.model, {}).get("patch_size", 1)
+    if args.image_size % step:
+        what = "patch size" if args.model in VQRAE_CONFIGS else "downsampling factor"
+        raise UserError(f"--image-size {args.image_size} must be a multiple of --model {args.model}'s {what} {step} "
+                        f"(e.g. {max(step, args.image_size // step * step)})")
+
+
+def gan_weight(text: str) -> str:
+    """'adaptive' or a number >= 0 (kept as text; build_loss reads it)."""
+    if text != "adaptive":
+        try:
+            argtypes.non_negative_float(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be 'adaptive' or a number >= 0, got {text!r}") from None
+    return text
 
 
 # ---------------------------------------------------------------- model and data
@@ -70,9 +104,20 @@ def build_model(args):
     from tokenizers.vq import VQ_CONFIGS, VQTokenizer, vq_config
     from tokenizers.vqrae import VQRAE, VQRAEConfig
     from tokenizers.wetok import WETOK_CONFIGS, WeTok, to_generative, wetok_config
+    from vision.errors import ConfigError
     from vision.hub import from_pretrained
 
     size = {"image_size": args.image_size} if args.image_size else {}
+    vqrae = args.stage == 1 and args.model in VQRAE_CONFIGS
+    if not vqrae and (args.encoder_weights or args.random_encoder):
+        raise UserError("--encoder-weights and --random-encoder are for VQRAE stage 1 (--model "
+                        f"{' or '.join(VQRAE_CONFIGS)})")
+    if vqrae and args.encoder_weights and args.random_encoder:
+        raise UserError("pass --encoder-weights or --random-encoder, not both")
+    if vqrae and not (args.encoder_weights or args.random_encoder):
+        raise UserError(f"--model {args.model} is VQRAE, defined by its pretrained encoder "
+                        f"({VQRAE_CONFIGS[args.model]['encoder']}): pass --encoder-weights FILE (its timm state dict), "
+                        "or --random-encoder to train from a random one (tests, smoke runs)")
     if args.stage == 2:
         if not args.init:
             raise UserError("--stage 2 needs --init, the stage-1 model")
@@ -82,70 +127,36 @@ def build_model(args):
         if isinstance(model, VQRAE):
             return model.set_stage(2)
         raise UserError(f"--stage 2 is defined for WeTok and VQRAE, not {type(model).__name__}")
-    if args.model in WETOK_CONFIGS:
-        return WeTok(wetok_config(args.model, **size))
-    if args.model in VQ_CONFIGS:
-        return VQTokenizer(vq_config(args.model, **size))
-    if args.model in VQRAE_CONFIGS:
-        cfg = {**VQRAE_CONFIGS[args.model], **size, "encoder_weights": args.encoder_weights}
-        return VQRAE(VQRAEConfig(**cfg)).set_stage(1)
+    try:  # the configs check their fields, --image-size against the downsampling included
+        if args.model in WETOK_CONFIGS:
+            return WeTok(wetok_config(args.model, **size))
+        if args.model in VQ_CONFIGS:
+            return VQTokenizer(vq_config(args.model, **size))
+        if args.model in VQRAE_CONFIGS:
+            config = VQRAEConfig(**{**VQRAE_CONFIGS[args.model], **size, "encoder_weights": args.encoder_weights})
+            return VQRAE(config).set_stage(1)
+    except ConfigError as e:
+        raise UserError(f"--model {args.model}: {e}") from None
     raise UserError(f"unknown --model {args.model!r}; known: {', '.join(model_names())}")
 
 
-class MNISTImages(torch.utils.data.Dataset):
-    """MNIST-5k training digits as 3-channel images in [-1, 1] (the held-out digits are excluded)."""
+def training_size(args, model) -> int:
+    """The resolution to train (and score) at: --image-size or the model's own, which the model must accept."""
+    from tokenizers.wetok import check_image_size
 
-    def __init__(self, size: int):
-        import torch.nn.functional as F
-
-        from vision.data.mnist import mnist5k_split
-
-        (x, y), _ = mnist5k_split()
-        x = x.float().div(127.5).sub(1)[:, None].expand(-1, 3, -1, -1)
-        self.x = x if size == 32 else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        self.y = y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i].contiguous(), int(self.y[i])
-
-
-class CenterCrop:
-    """The rFID crop: short side to `size` (bicubic + antialias), centre crop."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        from vision.data import center_crop_resize
-
-        return center_crop_resize(image, self.size)
-
-
-class FolderImages(torch.utils.data.Dataset):
-    """Centre-cropped images with a random horizontal flip drawn from the sample's own generator."""
-
-    def __init__(self, root: str, size: int):
-        from vision.data import ImageFolder
-
-        self.folder = ImageFolder(root, transform=CenterCrop(size))
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, index: int):
-        return self.folder[index]
-
-    def sample(self, index: int, g: torch.Generator):
-        image, label = self.folder[index]
-        if torch.rand((), generator=g) < 0.5:
-            image = image.flip(-1)
-        return image, label
+    c = model.config
+    size = args.image_size or c.image_size
+    if hasattr(c, "patch_size"):  # VQRAE: a ViT with fixed position embeddings
+        if size != c.image_size:
+            raise UserError(f"--image-size {size}: the --init model was trained at {c.image_size}")
+    else:
+        check_image_size(size, c.downsample)
+    return size
 
 
 def build_data(args, size: int):
+    from vision.data.datasets import FolderImages, MNISTImages
+
     if args.data == "mnist5k":
         return MNISTImages(size)
     if not Path(args.data).is_dir():
@@ -200,7 +211,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = build_model(args)
-    size = args.image_size or model.config.image_size
+    size = training_size(args, model)
     data = build_data(args, size)
     crit = build_loss(args, model)
     try:
@@ -295,14 +306,14 @@ def validation_rfid(args, size: int) -> dict[str, float]:
 
 @torch.no_grad()
 def reconstruction_figures(model, args, size: int, device) -> dict[str, float]:
-    """PSNR (uint8 round trip) and code usage on held-out MNIST digits (or the first training images)."""
+    """PSNR (uint8 round trip) and code usage on held-out MNIST digits (or the first training images), at the
+    training size."""
+    from vision.data.datasets import MNISTImages
     from vision.data.images import to_uint8
-    from vision.data.mnist import mnist5k_split
     from vision.metrics.image_quality import psnr
 
     if args.data == "mnist5k":
-        _, (x, _) = mnist5k_split()
-        images = x.float().div(127.5).sub(1)[:, None].expand(-1, 3, -1, -1).contiguous()
+        images = MNISTImages(size, heldout=True).x
     else:
         data = build_data(args, size)
         images = torch.stack([data[i][0] for i in range(min(256, len(data)))])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vision import argtypes
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
 
@@ -29,6 +30,7 @@ PRESETS = {  # encoder args, MLP hidden widths
     "tiny": ({"n_resblocks": 2, "n_feats": 16}, [32, 32]),  # smoke tests
 }
 VAL_SCALES = (2.0, 3.7, 4.0)
+DEFAULTS = {"preset": "lite", "encoder": "edsr-baseline", "skip": "none"}  # without --init
 
 
 def parse(argv):
@@ -36,33 +38,74 @@ def parse(argv):
     p.add_argument("--data", help="folder of HR images (ImageNet layout or flat); default: the sample photos "
                    "installed wheels carry, minus the held-out ones")
     p.add_argument("--val", help="folder of held-out HR images for validation PSNR (default: held-out sample photos)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="lite", help="model size")
-    p.add_argument("--encoder", choices=["edsr-baseline", "rdn"], default="edsr-baseline", help="LIIF encoder")
-    p.add_argument("--skip", choices=["none", "bicubic"], default="none", help="'bicubic': the MLP predicts a "
-                   "residual over bicubic upsampling (not in LIIF; converges much faster on little data)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: lite; with --init: the loaded "
+                   "model's)")
+    p.add_argument("--encoder", choices=["edsr-baseline", "rdn"], help="LIIF encoder (default: edsr-baseline; "
+                   "with --init: the loaded model's)")
+    p.add_argument("--skip", choices=["none", "bicubic"], help="'bicubic': the MLP predicts a residual over bicubic "
+                   "upsampling (not in LIIF; converges much faster on little data). Default: none; with --init: the "
+                   "loaded model's")
+    p.add_argument("--lr", type=argtypes.positive_float, default=1e-4, help="Adam learning rate")
     p.add_argument("--milestones", default="0.2,0.4,0.6,0.8", help="fractions of --steps where the LR halves")
-    p.add_argument("--inp-size", type=int, default=48, help="LR crop side")
-    p.add_argument("--scale-max", type=float, default=4.0, help="training scales ~ U(1, scale-max)")
-    p.add_argument("--sample-q", type=int, default=2304, help="HR query pixels per crop")
-    p.add_argument("--repeat", type=int, default=20, help="passes over the image list per epoch")
+    p.add_argument("--inp-size", type=argtypes.positive_int, default=48, help="LR crop side")
+    p.add_argument("--scale-max", type=argtypes.number(float, min=1), default=4.0,
+                   help="training scales ~ U(1, scale-max)")
+    p.add_argument("--sample-q", type=argtypes.positive_int, default=2304, help="HR query pixels per crop")
+    p.add_argument("--repeat", type=argtypes.positive_int, default=20, help="passes over the image list per epoch")
     p.add_argument("--rgb-permute", action="store_true", help="shuffle colour channels per crop (not in the "
                    "official recipe; helps when training on a handful of photos)")
-    p.add_argument("--init", metavar="NAME|DIR", help="start from these LIIF weights (a fresh optimizer and schedule)")
+    p.add_argument("--init", metavar="NAME|DIR", help="start from these LIIF weights (a fresh optimizer and "
+                   "schedule); the model's size and --skip are the loaded model's")
     p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its "
                    "index.json entry (command, time, validation PSNR)")
     add_train_args(p, batch_size=16, max_steps=2000, checkpoint_every=500, log_every=20)
     add_common_args(p)
+    p.add_check(parse_milestones)
     return p.parse_args(argv)
 
 
-def build_model(args):
-    from vision.decoders.liif import LIIF, LIIFConfig
+def parse_milestones(args) -> None:
+    try:
+        milestones = sorted(float(m) for m in args.milestones.split(",") if m.strip())
+    except ValueError:
+        milestones = [-1.0]
+    if not all(0 <= m <= 1 for m in milestones):
+        raise UserError(f"--milestones must be comma-separated fractions in [0, 1], got {args.milestones!r}")
+    args.milestones = milestones
 
-    enc, hidden = PRESETS[args.preset]
-    if args.encoder == "rdn":
+
+def liif_config(preset: str, encoder: str, skip: str):
+    from vision.decoders.liif import LIIFConfig
+
+    enc, hidden = PRESETS[preset]
+    if encoder == "rdn":
         enc = {}
-    return LIIF(LIIFConfig(encoder=args.encoder, encoder_args=dict(enc), hidden_list=list(hidden), skip=args.skip))
+    return LIIFConfig(encoder=encoder, encoder_args=dict(enc), hidden_list=list(hidden), skip=skip)
+
+
+def build_model(args):
+    """A fresh LIIF from --preset/--encoder/--skip, or the --init model (whose size and skip those may only confirm)."""
+    from vision.decoders.liif import LIIF
+
+    if not args.init:
+        return LIIF(liif_config(*(getattr(args, k) or v for k, v in DEFAULTS.items())))
+    from vision.hub import from_pretrained
+
+    loaded = from_pretrained(args.init)
+    if not isinstance(loaded, LIIF):
+        raise UserError(f"--init {args.init} is a {type(loaded).__name__}, not a LIIF model")
+    c = loaded.config
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    if "skip" in given and given["skip"] != c.skip:
+        raise UserError(f"--init {args.init} has --skip {c.skip}, not {given['skip']}; leave --skip out to keep it")
+    if "encoder" in given and given["encoder"] != c.encoder:
+        raise UserError(f"--init {args.init} has the {c.encoder} encoder, not {given['encoder']}")
+    if "preset" in given:
+        wanted = liif_config(given["preset"], c.encoder, c.skip)
+        if (wanted.encoder_args, wanted.hidden_list) != (c.encoder_args, c.hidden_list):
+            raise UserError(f"--init {args.init} is not the {given['preset']} size (encoder {c.encoder_args}, "
+                            f"MLP {c.hidden_list}); leave --preset out to keep its size")
+    return loaded.train()
 
 
 def image_lists(args) -> tuple[list, list]:
@@ -93,10 +136,7 @@ def main(argv=None) -> int:
 
     args = parse(argv)
     command = "python -m apps.train_upscaler " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        milestones = sorted(float(m) for m in args.milestones.split(",") if m.strip())
-    except ValueError:
-        raise UserError(f"--milestones must be comma-separated fractions, got {args.milestones!r}") from None
+    milestones = args.milestones
     device = resolve_device(args.device)
     seed_everything(args.seed)
     train_files, val_files = image_lists(args)
@@ -110,14 +150,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     model = build_model(args)
-    if args.init:
-        from vision.hub import from_pretrained
-
-        init_model = from_pretrained(args.init)
-        if init_model.config != model.config:
-            raise UserError(f"--init {args.init} does not match --preset {args.preset} --encoder {args.encoder} "
-                            f"--skip {args.skip}")
-        model.load_state_dict(init_model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(m * args.steps) for m in milestones], gamma=0.5)
     models = trainer.prepare({"liif": model}, {"adam": opt}, {"adam": sched}, ema_of="liif")

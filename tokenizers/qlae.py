@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vision.errors import ConfigError
 from vision.hub import register_model
 from vision.tokens import Tokens, TokenSpec
 
@@ -51,6 +52,20 @@ class QLAEConfig:
     dense_widths: tuple[int, ...] = (512,)
     quantization_weight: float = 0.01
     commitment_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "in_channels", "num_latents"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_values < 2:
+            raise ConfigError(f"num_values must be >= 2, got {self.num_values}")
+        if any(w < 1 for w in (*self.conv_widths, *self.dense_widths)):
+            raise ConfigError(f"layer widths must be >= 1, got {self.conv_widths} and {self.dense_widths}")
+        if self.image_size % 2 ** len(self.conv_widths):
+            raise ConfigError(f"image size {self.image_size} must be a multiple of the downsampling factor "
+                              f"{2 ** len(self.conv_widths)} (one halving per conv)")
+        if not (self.quantization_weight >= 0 and self.commitment_weight >= 0):
+            raise ConfigError("quantization_weight and commitment_weight must be >= 0")
 
 
 def _conv_block(cin: int, cout: int, transpose: bool = False) -> nn.Sequential:

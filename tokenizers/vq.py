@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vision.errors import ConfigError
 from vision.hub import register_model
 from vision.tokens import Tokens, TokenSpec
 
 from .quantizers import QuantizerOutput, VectorQuantizer
-from .wetok import Decoder, Encoder, WeTokConfig
+from .wetok import Decoder, Encoder, WeTokConfig, check_image_size
 
 
 @dataclass
@@ -39,6 +40,18 @@ class VQConfig:
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ConfigError(f"ch_mult needs at least one level, each >= 1, got {self.ch_mult}")
+        for name in ("in_channels", "ch", "num_res_blocks", "norm_groups", "codebook_size", "codebook_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_image_size(self.image_size, self.downsample)
+        if self.distance not in ("l2", "cosine"):
+            raise ConfigError(f"distance must be 'l2' or 'cosine', got {self.distance!r}")
+        if self.codebook not in ("learned", "ema", "simvq"):
+            raise ConfigError(f"codebook must be 'learned', 'ema' or 'simvq', got {self.codebook!r}")
+        if not self.beta >= 0 or self.dead_code_steps < 0:
+            raise ConfigError(f"beta and dead_code_steps must be >= 0, got {self.beta} and {self.dead_code_steps}")
 
     @property
     def downsample(self) -> int:

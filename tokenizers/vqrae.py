@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vision.errors import ConfigError
 from vision.hub import HubError, load_official_state_dict, register_model
 from vision.tokens import Tokens, TokenSpec
 
@@ -82,6 +83,19 @@ class VQRAEConfig:
     decoder_width: int | None = None
     decoder_heads: int | None = None
     decoder_mlp_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "in_channels", "codebook_size", "codebook_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image size {self.image_size} must be a multiple of the patch size {self.patch_size} "
+                              f"(e.g. {max(1, self.image_size // self.patch_size) * self.patch_size})")
+        for name in ("decoder_depth", "decoder_width", "decoder_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (or None: as the encoder), got {getattr(self, name)}")
+        if not self.beta >= 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
 
 
 # ---------------------------------------------------------------------------------------------

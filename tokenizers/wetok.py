@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vision.errors import ConfigError
 from vision.hub import register_model
 from vision.tokens import Tokens, TokenSpec
 
@@ -63,18 +64,25 @@ class WeTokConfig:
     batch_maximization_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        # (the 1..16 bits per group are checked by GroupQuantizer: VQTokenizer reuses this config for its
+        # encoder/decoder with one wide group and no GQ)
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        if not self.ch_mult:
-            raise ValueError("ch_mult needs at least one level")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ConfigError(f"ch_mult needs at least one level, each >= 1, got {self.ch_mult}")
+        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "z_channels", "groups", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_image_size(self.image_size, self.downsample)
         if self.z_channels % self.groups:
-            raise ValueError(f"z_channels {self.z_channels} must split into {self.groups} equal groups")
-        if not 1 <= self.z_channels // self.groups <= 16:
-            raise ValueError(f"bits per group must be in [1, 16], got {self.z_channels // self.groups}")
+            raise ConfigError(f"z_channels {self.z_channels} must split into {self.groups} equal groups")
         for width in {self.ch * m for m in (1, *self.ch_mult)}:
             if width % self.norm_groups:
-                raise ValueError(f"width {width} is not divisible by norm_groups {self.norm_groups}")
+                raise ConfigError(f"width {width} is not divisible by norm_groups {self.norm_groups}")
+        for name in ("entropy_weight", "commitment_weight", "sample_minimization_weight", "batch_maximization_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.freeze_encoder and not self.generative:
-            raise ValueError("freeze_encoder is the stage-2 (generative decoder) setting; set generative=True")
+            raise ConfigError("freeze_encoder is the stage-2 (generative decoder) setting; set generative=True")
 
     @property
     def downsample(self) -> int:
@@ -83,6 +91,13 @@ class WeTokConfig:
     @property
     def bits(self) -> int:
         return self.z_channels // self.groups
+
+
+def check_image_size(image_size: int, downsample: int) -> None:
+    """A tokenizer's native resolution must be a whole number of tokens across."""
+    if image_size < downsample or image_size % downsample:
+        raise ConfigError(f"image size {image_size} must be a multiple of the model's downsampling factor {downsample} "
+                          f"(e.g. {max(downsample, image_size // downsample * downsample)})")
 
 
 # Official configs (configs/WeToK/Inference/*.yaml); all use ch 256, 4 res blocks, 256 codes per group.

@@ -1,9 +1,14 @@
 """Conventions shared by every command-line program in apps/.
 
 - A user error prints one line `error: ...` on stderr and exits 2: no traceback, no output file.
+  That covers UserError, a config field out of range (ConfigError), an option out of its declared
+  range (`vision.argtypes`, refused while parsing) and any check added with
+  `ArgumentParser.add_check` (trainers: an --out that holds a run).
 - Outputs are written to a temporary name beside the target and renamed when complete;
   an existing output is kept unless --overwrite.
 - --device auto|cpu|cuda|mps, --quiet, --seed.
+- Warnings are printed as one line `note: ...`; Ctrl-C exits 130 and says how to continue an
+  interrupted training run (--resume).
 """
 from __future__ import annotations
 
@@ -12,28 +17,43 @@ import contextlib
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from vision import argtypes
 from vision.atomic import atomic_path
+from vision.data.images import ImageReadError
+from vision.errors import ConfigError, TrainingDiverged, UserError
+from vision.hub import HubError
+from vision.progress import progress
+from vision.train.run_folder import interrupt_message, set_active as set_active_run
+
+__all__ = ["UserError", "ConfigError", "run", "ArgumentParser", "add_common_args", "resolve_device",
+           "seed_everything", "check_output", "atomic_output", "progress"]
+
+_default_showwarning = warnings.showwarning
 
 
-class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
+def _show_note(message, category, filename, lineno, file=None, line=None) -> None:
+    """A UserWarning (from Tessera or a library) as one line `note: ...`; other categories as Python shows them."""
+    text = str(message).strip()
+    if issubclass(category, UserWarning):
+        print(f"note: {text.splitlines()[0] if text else category.__name__}", file=file or sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run an app's main(argv); map user errors to `error: ...` + exit 2 (a diverged training run: exit 1)."""
-    from vision.data.images import ImageReadError
-    from vision.hub import HubError
-    from vision.train.trainer import TrainingDiverged
-
     try:
-        code = main(argv)
-    except (UserError, HubError, ImageReadError) as e:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_note
+            code = main(argv)
+    except (UserError, ConfigError, HubError, ImageReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FileNotFoundError as e:
@@ -43,17 +63,33 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"error: {interrupt_message()}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        set_active_run(None)  # in-process callers (tests) run several programs in one process
     sys.exit(code or 0)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors follow the same one-line `error:` + exit 2 rule, defaults shown in --help."""
+    """argparse whose usage errors follow the same one-line `error:` + exit 2 rule, defaults shown in --help.
+
+    `add_check(fn)` registers fn(args), run on the parsed arguments before parse_args returns; it
+    raises UserError for a bad combination (run() reports it as one line, exit 2).
+    """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        self._checks: list[Callable[[argparse.Namespace], None]] = []
+
+    def add_check(self, check: Callable[[argparse.Namespace], None]) -> None:
+        self._checks.append(check)
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D401 - argparse API
+        parsed = super().parse_args(args, namespace)
+        for check in self._checks:
+            check(parsed)
+        return parsed
 
     def error(self, message: str):  # noqa: D401 - argparse API
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -65,8 +101,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, seed: bool = True, overw
                         help="where to run; auto picks cuda, then mps, then cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     if seed:
-        parser.add_argument("--seed", type=int, default=0, help="seed for every random draw")
-    if overwrite:
+        parser.add_argument("--seed", type=argtypes.seed, default=0, help="seed for every random draw (0 to 2**32-1)")
+    if overwrite and "--overwrite" not in parser._option_string_actions:  # a trainer's add_train_args has its own
         parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -110,10 +146,3 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         if path.exists() and not overwrite:  # appeared while we worked
             raise UserError(f"{path} exists; pass --overwrite to replace it")
 
-
-def progress(iterable=None, *, quiet: bool = False, **kwargs):
-    """tqdm on stderr unless --quiet (or not rank 0 in a distributed run)."""
-    from tqdm.auto import tqdm
-
-    rank = int(os.environ.get("RANK", "0"))
-    return tqdm(iterable, disable=quiet or rank != 0, file=sys.stderr, dynamic_ncols=True, **kwargs)

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from tests.conftest import run_env
 from vision.cli import UserError, atomic_output
@@ -38,3 +39,48 @@ def test_benchmark_app_errors_are_one_line_exit_2(tmp_path):
     listing = subprocess.run([sys.executable, "-m", "apps.benchmark", "--list"], env=run_env(), capture_output=True,
                              text=True)
     assert listing.returncode == 0 and "toolkit" in listing.stdout
+
+
+def run_main(main, capsys) -> tuple[int, str]:
+    from vision.cli import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(main, [])
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_config_errors_interrupts_and_notes_are_one_line(tmp_path, capsys):
+    from tokenizers.wetok import wetok_config
+    from vision.data import ImageFolder
+
+    assert run_main(lambda argv: wetok_config("wetok-tiny-f4", image_size=30), capsys) == (
+        2, "error: image size 30 must be a multiple of the model's downsampling factor 4 (e.g. 28)\n")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_main(interrupted, capsys) == (130, "error: interrupted\n")  # not a trainer: nothing to resume
+    # a folder's non-image files are counted in one note, whatever their number
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    for name in ("a.txt", "b.txt", "labels.csv", "README"):
+        (tmp_path / name).write_text("not an image")
+    (tmp_path / ".hidden").write_text("ignored")
+    code, err = run_main(lambda argv: len(ImageFolder(tmp_path)) - 3, capsys)
+    assert code == 0 and err == f"note: {tmp_path}: skipped 4 file(s) that are not images (.csv, .txt, README; " \
+                                "e.g. README)\n"
+
+
+def test_cli_and_trainer_import_without_a_cycle():
+    """vision.train never imports vision.cli (vision.cli may import vision.train): either one imports first."""
+    code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
+            "print('vision.cli' in sys.modules)")
+    for first, cli_loaded in (("vision.train.trainer", "False"), ("vision.cli", "True")):
+        proc = subprocess.run([sys.executable, "-c", code, first], env=run_env(), capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.strip() == cli_loaded, proc.stderr
+    from vision.cli import progress as from_cli
+    from vision.progress import progress
+    from vision.train.trainer import TrainingDiverged
+    from vision.errors import TrainingDiverged as from_errors
+
+    assert from_cli is progress and TrainingDiverged is from_errors

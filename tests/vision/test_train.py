@@ -108,3 +108,130 @@ def test_ema_update_formula():
         m.weight.add_(1.0)
     ema.update(m)
     assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * (before + 1.0))
+
+
+# ---------------------------------------------------------------- run folders: never clobbered, --overwrite, Ctrl-C
+
+
+def toy_trainer(argv, on_step=None):
+    """A trainer as an app writes one (vision.cli parser + add_train_args): 6 steps, a checkpoint every 3."""
+    from torch import nn
+
+    from tests.helpers.tiny_train import Toy
+    from vision.cli import ArgumentParser, add_common_args
+    from vision.train import Phase, Trainer, add_train_args, train_config_from_args
+
+    p = ArgumentParser(prog="toy")
+    add_train_args(p, batch_size=8, max_steps=6, checkpoint_every=3, log_every=1)
+    add_common_args(p)
+    args = p.parse_args([*argv, "--quiet"])
+    torch.manual_seed(args.seed)
+    trainer = Trainer(train_config_from_args(args, "cpu"), Toy())
+    model = nn.Linear(8, 1)
+    models = trainer.prepare({"model": model}, {"opt": torch.optim.SGD(model.parameters(), lr=0.05)})
+
+    def loss(batch, step):
+        if on_step is not None:
+            on_step(trainer, step)
+        return ((models["model"](batch[0]) - batch[1]) ** 2).mean(), {}
+
+    trainer.fit([Phase("mse", "opt", loss, models=("model",))])
+    torch.save(model.state_dict(), trainer.out / "final.pt")
+    return 0
+
+
+def run_toy(argv, capsys, on_step=None) -> tuple[int, str]:
+    from vision.cli import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda a: toy_trainer(a, on_step), argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def strip_times(jsonl: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in jsonl.read_text().splitlines()]
+
+
+def test_out_holding_a_run_is_refused_in_one_line(tmp_path, capsys):
+    old = tmp_path / "run"
+    assert run_toy(["--out", str(old)], capsys)[0] == 0
+    before = snapshot(old)
+    code, err = run_toy(["--out", str(old)], capsys)
+    assert code == 2 and err == (f"error: --out {old} holds a training run (checkpoints/latest.pt, metrics.jsonl); "
+                                 "pass --resume to continue it or --overwrite to replace it\n")
+    code, err = run_toy(["--out", str(old), "--resume", "--overwrite"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "pass only one" in err
+    code, err = run_toy(["--out", str(tmp_path / "new"), "--resume"], capsys)
+    assert code == 2 and err == f"error: --resume: no checkpoint at {tmp_path / 'new/checkpoints/latest.pt'}\n"
+    assert snapshot(old) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # the toolkit itself refuses too, for a trainer that builds its TrainConfig without the parser
+    from tests.helpers.tiny_train import Toy
+    from vision.errors import UserError
+    from vision.train import TrainConfig, Trainer
+
+    with pytest.raises(UserError, match="--overwrite"):
+        Trainer(TrainConfig(out_dir=str(old), max_steps=2, batch_size=8), Toy())
+    # a folder with other files but no run is used as it is (and kept)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert run_toy(["--out", str(tmp_path / "other")], capsys)[0] == 0
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_the_run_only_after_its_first_checkpoint(tmp_path, capsys):
+    old = tmp_path / "run"
+    assert run_toy(["--out", str(old)], capsys)[0] == 0
+    (old / "notes.txt").write_text("part of the old run")
+    before = snapshot(old)
+    seen = {}
+
+    def watch(trainer, step):  # checkpoints after steps 3 and 6; `step` counts steps done
+        if step == 2:  # the new run has logged 2 steps, but has no checkpoint yet
+            seen["before_checkpoint"] = snapshot(old), trainer.out
+        if step == 3:
+            seen["after_checkpoint"] = snapshot(old), trainer.out, sorted(p.name for p in tmp_path.iterdir())
+
+    assert run_toy(["--out", str(old), "--overwrite", "--seed", "1"], capsys, on_step=watch)[0] == 0
+    files, where = seen["before_checkpoint"]
+    assert files == before and where == tmp_path / ".run.overwrite"
+    files, where, siblings = seen["after_checkpoint"]
+    assert where == old and siblings == ["run"] and "notes.txt" not in files
+    assert load_checkpoint(old / "checkpoints/latest.pt")["config"]["seed"] == 1
+    # the result is exactly a fresh run with the same options
+    assert run_toy(["--out", str(tmp_path / "fresh"), "--seed", "1"], capsys)[0] == 0
+    a, b = torch.load(old / "final.pt"), torch.load(tmp_path / "fresh/final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert strip_times(old / "metrics.jsonl") == strip_times(tmp_path / "fresh/metrics.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "run"]
+
+
+def test_ctrl_c_says_how_to_continue(tmp_path, capsys):
+    old = tmp_path / "run"
+    assert run_toy(["--out", str(old)], capsys)[0] == 0
+    before = snapshot(old)
+
+    def interrupt_at(n):
+        def hook(trainer, step):
+            if step == n:
+                raise KeyboardInterrupt
+        return hook
+
+    # an --overwrite interrupted before its first checkpoint: the old run is untouched and still resumes
+    code, err = run_toy(["--out", str(old), "--overwrite"], capsys, on_step=interrupt_at(2))
+    assert code == 130 and err == (f"error: interrupted before the new run's first checkpoint; the previous run in "
+                                   f"{old} is untouched (--resume continues it, --overwrite starts again)\n")
+    assert snapshot(old) == before
+    assert run_toy(["--out", str(old), "--resume", "--steps", "7"], capsys)[0] == 0
+    assert [r["step"] for r in strip_times(old / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
+    # a run interrupted after a checkpoint names it and --resume
+    new = tmp_path / "new"
+    code, err = run_toy(["--out", str(new)], capsys, on_step=interrupt_at(4))
+    assert code == 130 and err == (f"error: interrupted; {new} holds a checkpoint from step 3: rerun the same command "
+                                   "with --resume to continue\n")
+    assert run_toy(["--out", str(new), "--resume"], capsys)[0] == 0
+    assert [r["step"] for r in strip_times(new / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "run"]  # the interrupted staging folder is gone

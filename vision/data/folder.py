@@ -1,4 +1,7 @@
-"""ImageNet-layout folders: root/<class>/<image>; a flat folder of images is one class (label 0)."""
+"""ImageNet-layout folders: root/<class>/<image>; a flat folder of images is one class (label 0).
+
+Files whose suffix is not an image's (a README, labels.csv, ...) are skipped, and counted in one
+warning for the whole folder. Hidden files and folders (a leading dot) are ignored silently."""
 from __future__ import annotations
 
 import os
@@ -30,14 +33,23 @@ class ImageFolder(Dataset):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         samples: list[tuple[Path, int]] = []
+        others: list[Path] = []
         for label, name in enumerate(classes):
-            samples += [(p, label) for p in _image_files(root / name, recursive=True)]
-        flat = _image_files(root, recursive=False)
+            images, skipped = _image_files(root / name, recursive=True)
+            samples += [(p, label) for p in images]
+            others += skipped
+        flat, skipped = _image_files(root, recursive=False)
+        others += skipped
         if flat and not classes:
             samples = [(p, 0) for p in flat]
             classes = [root.name]
         if not samples:
             raise ImageReadError(f"{root}: no images found (looked for class sub-folders and image files)")
+        if others:  # one note for the folder, not one line per file
+            kinds = sorted({p.suffix.lower() or p.name for p in others})
+            warnings.warn(f"{root}: skipped {len(others)} file(s) that are not images ({', '.join(kinds[:5])}"
+                          f"{', ...' if len(kinds) > 5 else ''}; e.g. {others[0].relative_to(root)})", stacklevel=2)
+        self.skipped_files = others  # non-image files, not read
         self.root, self.transform, self.on_error = root, transform, on_error
         self.classes = classes
         self.samples = samples
@@ -63,6 +75,9 @@ class ImageFolder(Dataset):
         raise ImageReadError(f"{self.root}: none of the {len(self.samples)} images is readable")
 
 
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
+def _image_files(folder: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) in `folder`, sorted, hidden ones left out."""
     it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    files = sorted(p for p in it if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return [p for p in files if is_image_file(p)], [p for p in files if not is_image_file(p)]

@@ -6,11 +6,13 @@ import copy
 import torch
 from torch import nn
 
+from vision.errors import ConfigError
+
 
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.999):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise ConfigError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 

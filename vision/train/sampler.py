@@ -12,14 +12,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from vision.errors import ConfigError
+
 
 class ResumableSampler(Sampler):
     def __init__(self, num_samples: int, global_batch: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True):
         if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+            raise ConfigError(f"global batch {global_batch} is not divisible by {world_size} processes")
         if num_samples < global_batch:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of {global_batch}")
+            raise ConfigError(f"the dataset has {num_samples} samples, fewer than one global batch of {global_batch} "
+                              "(--batch-size)")
         self.n, self.batch, self.rank, self.world = num_samples, global_batch, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.start_step = 0, 0

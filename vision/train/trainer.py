@@ -4,7 +4,8 @@ A trainer builds its models, optimizers and one or more `Phase`s (a loss, the op
 drives, and when it is active: a GAN has a generator phase and a discriminator phase), then
 calls `Trainer.fit`. The toolkit owns everything else: process group, data order, gradient
 accumulation (with DDP's no_sync), AMP, gradient clipping, schedulers, EMA, checkpoints that
-resume bit for bit, metrics (JSONL + PNG), progress, and a clean stop on a non-finite loss.
+resume bit for bit, metrics (JSONL + PNG), progress, a clean stop on a non-finite loss, and
+the run folder's safety (`vision.train.run_folder`: an existing run is never clobbered).
 """
 from __future__ import annotations
 
@@ -23,17 +24,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from vision import argtypes
+from vision.errors import ConfigError, TrainingDiverged, UserError
 from vision.nn import convert_sync_batchnorm
+from vision.progress import progress
 from vision.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vision.train.distributed import DistInfo, all_reduce_mean, barrier, setup_distributed
+from vision.train import fsdp
 from vision.train.ema import EMA
+from vision.train.run_folder import RunFolder, check_run_folder, set_active
 from vision.train.sampler import ResumableSampler, SeededDataset
 
 LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN/inf; the last checkpoint written before it is intact."""
+__all__ = ["Phase", "TrainConfig", "Trainer", "TrainingDiverged", "add_train_args", "train_config_from_args"]
 
 
 @dataclass
@@ -49,8 +52,23 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace a run already in out_dir (once this run's first checkpoint is written)
+    fsdp: bool = False  # shard trainable models over the processes (torch FSDP2) instead of DDP
     quiet: bool = False
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -67,40 +85,57 @@ class Phase:
 
 def add_train_args(parser: argparse.ArgumentParser, *, batch_size: int, max_steps: int,
                    checkpoint_every: int = 500, log_every: int = 10) -> None:
+    """The toolkit's options (--out, --steps, ..., --resume, --overwrite). With `vision.cli.ArgumentParser`,
+    an --out that holds a run is refused as soon as the command line is parsed, before any work."""
     g = parser.add_argument_group("training")
     g.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, curves.png, final model")
-    g.add_argument("--steps", type=int, default=max_steps, help="optimizer steps in total")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch per optimizer step")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step")
+    g.add_argument("--steps", type=argtypes.positive_int, default=max_steps, help="optimizer steps in total")
+    g.add_argument("--batch-size", type=argtypes.positive_int, default=batch_size,
+                   help="global batch per optimizer step")
+    g.add_argument("--grad-accum", type=argtypes.positive_int, default=1, help="micro-batches accumulated per step")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision")
-    g.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
-    g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
-    g.add_argument("--log-every", type=int, default=log_every, help="steps between metric lines")
-    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+    g.add_argument("--ema", type=argtypes.decay, default=None, metavar="DECAY",
+                   help="keep an EMA of the weights (0 < DECAY < 1)")
+    g.add_argument("--checkpoint-every", type=argtypes.positive_int, default=checkpoint_every,
+                   help="steps between checkpoints")
+    g.add_argument("--log-every", type=argtypes.positive_int, default=log_every, help="steps between metric lines")
+    g.add_argument("--workers", type=argtypes.non_negative_int, default=0, help="data-loading worker processes")
+    g.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoints/latest.pt")
+    overwrite_help = ("replace the run already in OUT (the whole folder); the old run stays intact until the new "
+                      "run's first checkpoint is written")
+    existing = parser._option_string_actions.get("--overwrite")
+    if existing is None:
+        g.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    else:  # added earlier by vision.cli.add_common_args
+        existing.help = overwrite_help
+    add_check = getattr(parser, "add_check", None)  # vision.cli.ArgumentParser: checks run after parsing
+    if add_check is not None:
+        add_check(_check_out)
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    if getattr(args, "out", None):  # an app may make --out optional for its non-training modes
+        check_run_folder(args.out, resume=args.resume, overwrite=getattr(args, "overwrite", False))
 
 
 def train_config_from_args(args: argparse.Namespace, device: str) -> TrainConfig:
     return TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        seed=args.seed, amp=args.amp, ema_decay=args.ema, checkpoint_every=args.checkpoint_every,
-                       log_every=args.log_every, num_workers=args.workers, resume=args.resume, quiet=args.quiet,
-                       device=device)
+                       log_every=args.log_every, num_workers=args.workers, resume=args.resume,
+                       overwrite=getattr(args, "overwrite", False), quiet=args.quiet, device=device)
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, dataset, *, collate_fn=None):
         c = self.config = config
-        for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-        if c.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be none, bf16 or fp16, got {c.amp!r}")
+        # before the process group forms: every process sees the folder as it was before any of them wrote
+        self.run = RunFolder(c.out_dir, resume=c.resume, overwrite=c.overwrite)
         self.dist: DistInfo = setup_distributed(torch.device(c.device))
         self.device = self.dist.device
         per_rank = c.batch_size // self.dist.world_size
         if c.batch_size % (self.dist.world_size * c.grad_accum):
-            raise ValueError(f"batch size {c.batch_size} must divide into {self.dist.world_size} processes x "
-                             f"{c.grad_accum} accumulation steps")
+            raise ConfigError(f"batch size {c.batch_size} must divide into {self.dist.world_size} processes x "
+                              f"{c.grad_accum} accumulation steps")
         self.micro_batch = per_rank // c.grad_accum
         self.sampler = ResumableSampler(len(dataset), c.batch_size, rank=self.dist.rank,
                                         world_size=self.dist.world_size, seed=c.seed)
@@ -109,9 +144,6 @@ class Trainer:
                                  persistent_workers=False, pin_memory=self.device.type == "cuda",
                                  # its own generator: creating an iterator must not consume the global RNG
                                  generator=torch.Generator().manual_seed(c.seed))
-        self.out = Path(c.out_dir)
-        self.ckpt_path = self.out / "checkpoints" / "latest.pt"
-        self.metrics_path = self.out / "metrics.jsonl"
         self.models: dict[str, nn.Module] = {}
         self.raw: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -123,6 +155,33 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp == "fp16" and self.device.type == "cuda")
+
+    @property
+    def out(self) -> Path:
+        """The folder this run writes into: --out, or its staging folder until an --overwrite's first checkpoint.
+        Files a trainer writes during training (callbacks) go here; after fit() it is always --out."""
+        return self.run.path
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP is on: asked for, and more than one process."""
+        return self.config.fsdp and self.dist.distributed
+
+    def full_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """Collective under FSDP: model `name`'s whole state dict on CPU (complete on rank 0). The EMA copy when
+        there is one, as final_model."""
+        model = self.final_model(name)
+        if self.sharded:
+            return fsdp.full_state_dict(model)
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoints" / "latest.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
 
     # ------------------------------------------------------------------ set-up
 
@@ -140,7 +199,9 @@ class Trainer:
             if self.dist.distributed and trainable:
                 model = convert_sync_batchnorm(model)
             self.raw[name] = model
-            if self.dist.distributed and trainable:
+            if self.sharded and trainable:
+                self.models[name] = fsdp.shard(model, self.device, optimizers=optimizers.values())
+            elif self.dist.distributed and trainable:
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.models[name] = DDP(model, device_ids=ids)
             else:
@@ -149,14 +210,15 @@ class Trainer:
         self.schedulers = schedulers or {}
         self.extra = extra_state or {}
         if self.config.ema_decay is not None:
+            if self.sharded:
+                raise ConfigError("--ema is not available with --fsdp yet (the EMA copy would need sharding too)")
             self.ema_of = ema_of or next(iter(models))
             self.ema = EMA(self.raw[self.ema_of], self.config.ema_decay)
+        if self.dist.is_main:
+            self.run.create()
         if self.config.resume:
             self._resume()
-        elif self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.metrics_path.exists():
-                self.metrics_path.unlink()
+        set_active(self.run)
         barrier(self.dist)
         return self.models
 
@@ -172,8 +234,9 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "world_size": self.dist.world_size,
             "config": asdict(self.config),
-            "models": {k: m.state_dict() for k, m in self.raw.items()},
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            # sharded runs keep models and optimizers in a torch.distributed.checkpoint folder beside this file
+            "models": None if self.sharded else {k: m.state_dict() for k, m in self.raw.items()},
+            "optimizers": None if self.sharded else {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "extra": {k: s.state_dict() for k, s in self.extra.items()},
             "ema": None if self.ema is None else self.ema.state_dict(),
@@ -183,21 +246,36 @@ class Trainer:
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part
+        if self.sharded:  # shards first, then latest.pt naming them: a kill in between keeps the old pair
+            shards = f"step_{self.step:07d}.dcp"
+            fsdp.save_sharded(fsdp.sharded_state(self.raw, self.optimizers), self.ckpt_path.parent / shards)
+            state["sharded"] = shards
         if self.dist.is_main:
             save_checkpoint(state, self.ckpt_path)
+            if self.sharded:
+                fsdp.remove_stale(self.ckpt_path.parent, keep=state["sharded"])
+            self.run.commit()  # an --overwrite's staging folder replaces the old run now, not earlier
         barrier(self.dist)
+        self.run.committed()
+        self.run.saved_step = self.step
 
     def _resume(self) -> None:
         if not self.ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
         state = load_checkpoint(self.ckpt_path)
         if state["world_size"] != self.dist.world_size:
-            raise ValueError(f"checkpoint was written by {state['world_size']} processes, resuming with "
-                             f"{self.dist.world_size}; RNG streams would differ")
-        for k, m in self.raw.items():
-            m.load_state_dict(state["models"][k])
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
+            raise UserError(f"checkpoint was written by {state['world_size']} processes, resuming with "
+                            f"{self.dist.world_size}; RNG streams would differ")
+        if bool(state.get("sharded")) != self.sharded:
+            raise UserError("the checkpoint was written " + ("with" if state.get("sharded") else "without")
+                            + " --fsdp; resume it the same way")
+        if self.sharded:
+            fsdp.load_sharded(self.ckpt_path.parent / state["sharded"], self.raw, self.optimizers)
+        else:
+            for k, m in self.raw.items():
+                m.load_state_dict(state["models"][k])
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         for k, s in self.extra.items():
@@ -206,6 +284,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.run.saved_step = self.step
         set_rng_state(state["rng"][self.dist.rank])
         if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the checkpoint
             lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
@@ -236,8 +315,6 @@ class Trainer:
 
     def fit(self, phases: list[Phase], on_checkpoint: Callable[["Trainer"], None] | None = None) -> dict[str, float]:
         """Run until config.max_steps; returns the last logged metrics."""
-        from vision.cli import progress
-
         c = self.config
         batches = self._batches()
         bar = progress(total=c.max_steps, initial=self.step, quiet=c.quiet, desc="train")
@@ -289,9 +366,12 @@ class Trainer:
             vec = all_reduce_mean(torch.stack([totals[k] for k in names]), self.dist)
             if not torch.isfinite(vec).all():
                 bad = [k for k, v in zip(names, vec.tolist()) if not math.isfinite(v)]
-                raise TrainingDiverged(
-                    f"{', '.join(bad)} became non-finite at step {self.step + 1}; the last checkpoint "
-                    f"({self.ckpt_path}) is from an earlier step and intact")
+                if self.run.saved_step is None:
+                    kept = "no checkpoint was written" + (f"; the previous run in {self.run.final} is untouched"
+                                                          if self.run.staged else "")
+                else:
+                    kept = f"the last checkpoint ({self.ckpt_path}, step {self.run.saved_step}) is intact"
+                raise TrainingDiverged(f"{', '.join(bad)} became non-finite at step {self.step + 1}; {kept}")
             totals = dict(zip(names, vec))
             if phase.clip_grad_norm is not None:
                 self.scaler.unscale_(opt)
