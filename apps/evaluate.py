@@ -4,7 +4,7 @@
     python -m apps.evaluate stats real/ -o real.npz                         # pytorch-fid's mu/sigma .npz
     python -m apps.evaluate kid --real real/ --fake samples/
     python -m apps.evaluate is --fake samples/
-    python -m apps.evaluate rfid --tokenizer wetok --data /data/imagenet/val --num 50000
+    python -m apps.evaluate rfid --tokenizer wetok-mnist --data digits/ --image-size 32
     python -m apps.evaluate psnr --ref hr/ --test upscaled/ --y-channel --shave 4
     python -m apps.evaluate fid --features mnist-classifier --real digits/ --fake generated/
     python -m apps.evaluate classify --fake generated/ --labels-from-folders   # folders 0/ .. 9/
@@ -28,28 +28,23 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-
-from vision.cli import ArgumentParser, UserError, add_common_args, check_output, progress, resolve_device, run
+from vision.cli import ArgumentParser, UserError, add_common_args, check_output, resolve_device, run
+from vision.metrics.batches import Runner
 
 Figures = dict[str, float]
 
 
-# ---------------------------------------------------------------------------------------------
-# Subcommand registry: each subcommand adds its options and returns its figures.
-# A new one is one more `@subcommand(...)` function.
-# ---------------------------------------------------------------------------------------------
+# Subcommand registry: each subcommand adds its options and returns its figures (or None).
+# A new one is one more `@subcommand(...)` function; the protocols live in vision.metrics.
 
 @dataclass(frozen=True)
 class Subcommand:
     name: str
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, "Context"], Figures | None]
+    run: Callable[[argparse.Namespace, Runner], Figures | None]
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
@@ -63,319 +58,6 @@ def subcommand(name: str, help: str, configure: Callable[[argparse.ArgumentParse
     return wrap
 
 
-# ---------------------------------------------------------------------------------------------
-# Running over images: file lists, batches, ranks
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Context:
-    """Where and how to run: device, process group, batching, progress."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    batch_size: int = 64
-    workers: int = 0
-    quiet: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-class _Unreadable:
-    """Returned by datasets in place of a sample that failed to read (raised as a UserError in the main process)."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-
-def _uint8_chw(path: Path) -> Tensor | _Unreadable:
-    from vision.data.images import ImageReadError, read_image_uint8
-
-    try:
-        return torch.from_numpy(read_image_uint8(path)).permute(2, 0, 1).contiguous()
-    except ImageReadError as e:
-        return _Unreadable(str(e))
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """uint8 (3, H, W) RGB images of a list of files."""
-
-    def __init__(self, files: list[Path]):
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        return _uint8_chw(self.files[i])
-
-
-class PairedFiles(ImageFiles):
-    """(reference, test) uint8 images of paired files."""
-
-    def __init__(self, pairs: list[tuple[Path, Path]]):
-        self.pairs = pairs
-        super().__init__([a for a, _ in pairs])
-
-    def __getitem__(self, i: int):
-        a, b = (_uint8_chw(p) for p in self.pairs[i])
-        for x in (a, b):
-            if isinstance(x, _Unreadable):
-                return x
-        if a.shape != b.shape:
-            return _Unreadable(f"{self.pairs[i][0]} is {_size(a)} but {self.pairs[i][1]} is {_size(b)}; "
-                               "paired images must have the same size")
-        return a, b
-
-
-def _size(x: Tensor) -> str:
-    return f"{x.shape[-1]}x{x.shape[-2]}"
-
-
-def image_files(folder: str | Path, what: str = "folder") -> list[Path]:
-    """Every image under `folder` (sub-folders included), sorted by path; UserError when there are none."""
-    from vision.data.images import is_image_file
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{what} {folder} is not a folder" if folder.exists() else f"{what} {folder} does not exist")
-    files, others = [], []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
-            (files if is_image_file(p) else others).append(p)
-    if not files:
-        extra = f" ({len(others)} other file(s), e.g. {others[0].name})" if others else " (it is empty)"
-        raise UserError(f"{what} {folder} has no images{extra}")
-    return files
-
-
-def paired_files(ref: str | Path, test: str | Path) -> list[tuple[Path, Path]]:
-    """Pairs of (reference, test) files with the same relative path up to the extension."""
-
-    def keyed(folder: Path, what: str) -> dict[str, Path]:
-        out: dict[str, Path] = {}
-        for p in image_files(folder, what):
-            key = p.relative_to(folder).with_suffix("").as_posix()
-            if key in out:
-                raise UserError(f"{what} {folder} has both {out[key].name} and {p.name}; pairing by name is ambiguous")
-            out[key] = p
-        return out
-
-    a, b = keyed(Path(ref), "--ref"), keyed(Path(test), "--test")
-    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    if only_a or only_b:
-        parts = [f"{len(only_a)} only in --ref (e.g. {only_a[0]})"] if only_a else []
-        parts += [f"{len(only_b)} only in --test (e.g. {only_b[0]})"] if only_b else []
-        raise UserError(f"--ref and --test images do not pair up by file name: {', '.join(parts)}")
-    return [(a[k], b[k]) for k in sorted(a)]
-
-
-def _runs(items: list) -> Iterator[Any]:
-    """Stack consecutive samples of equal shape into batches (folders may mix image sizes)."""
-    shape = lambda x: tuple(t.shape for t in x) if isinstance(x, tuple) else x.shape  # noqa: E731
-    start = 0
-    for i in range(1, len(items) + 1):
-        if i == len(items) or shape(items[i]) != shape(items[start]):
-            chunk = items[start:i]
-            if isinstance(chunk[0], tuple):
-                yield tuple(torch.stack(parts) for parts in zip(*chunk))
-            else:
-                yield torch.stack(chunk)
-            start = i
-
-
-def map_dataset(ctx: Context, dataset, fn: Callable[[Any], dict[str, Tensor]], desc: str) -> dict[str, Tensor]:
-    """fn over every sample in batches of ctx.batch_size, split across ranks; fn's rows in dataset order.
-
-    The batches are those of one process (images [kB, (k+1)B)); rank r of W runs batches r, r + W,
-    ... and the rows are gathered back in order on every rank. Each batch holds the same images
-    whatever W is, so the result is bit for bit that of one process.
-    """
-    n, b = len(dataset), ctx.batch_size
-    batches = [list(range(k, min(k + b, n))) for k in range(0, n, b)]
-    mine = batches[ctx.rank::ctx.world]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=ctx.workers, collate_fn=list)
-    rows: dict[str, list[Tensor]] = {}
-    bar = progress(total=n, quiet=ctx.quiet, desc=desc, unit="img")
-    try:
-        for items in loader:
-            for item in items:
-                if isinstance(item, _Unreadable):
-                    raise UserError(item.message)
-            with torch.no_grad():
-                for batch in _runs(items):
-                    for k, v in fn(batch).items():
-                        rows.setdefault(k, []).append(v.detach().cpu())
-            bar.update(min(len(items) * ctx.world, n - bar.n))
-    except BaseException:
-        bar.leave = False  # an error message follows: leave no half-drawn bar above it
-        raise
-    finally:
-        bar.close()
-    local = {k: torch.cat(v) for k, v in sorted(rows.items())}
-    if ctx.world == 1:
-        return local
-    return _gather_rows(local, ctx, batches)
-
-
-def _gather_rows(local: dict[str, Tensor], ctx: Context, batches: list[list[int]]) -> dict[str, Tensor]:
-    """Undo the round-robin batch split: every rank gets all rows in dataset order."""
-    import torch.distributed as dist
-
-    meta = [None] * ctx.world  # key -> (row shape, dtype) from ranks that had work
-    layout = {k: (tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in local.items()}
-    dist.all_gather_object(meta, layout)
-    layout = next(m for m in meta if m)
-    n = sum(len(bt) for bt in batches)
-    counts = [sum(len(bt) for bt in batches[r::ctx.world]) for r in range(ctx.world)]
-    out = {}
-    for k, (shape, dtype) in layout.items():
-        dtype = getattr(torch, dtype)
-        v = local.get(k, torch.empty((0, *shape), dtype=dtype))
-        padded = torch.zeros((max(counts), *shape), dtype=dtype)
-        padded[:len(v)] = v
-        padded = padded.to(ctx.device)
-        parts = [torch.empty_like(padded) for _ in range(ctx.world)]
-        dist.all_gather(parts, padded)
-        full = torch.empty((n, *shape), dtype=dtype)
-        for r, part in enumerate(parts):
-            index = [i for bt in batches[r::ctx.world] for i in bt]
-            full[index] = part[:len(index)].cpu()
-        out[k] = full
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature extractors
-# ---------------------------------------------------------------------------------------------
-
-class ClassifierFeatures(nn.Module):
-    """A Tessera classifier as a FeatureExtractor: `features(x)` (and its logits for IS / classify)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model.features(images)
-
-    def logits(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
-
-@dataclass
-class Extractor:
-    module: nn.Module
-    tag: str  # recorded in statistics files: which network made the features
-
-    def features(self, images: Tensor) -> Tensor:
-        from vision.metrics.features import features_of
-
-        return features_of(self.module(images)).to(torch.float32)
-
-    def logits(self, images: Tensor) -> Tensor:
-        if isinstance(self.module, ClassifierFeatures):
-            return self.module.logits(images).to(torch.float32)
-        _, logits = self.module(images)
-        return logits.to(torch.float32)
-
-    @property
-    def has_logits(self) -> bool:
-        return isinstance(self.module, ClassifierFeatures) or self.module.has_logits
-
-
-def load_classifier(spec: str, device: torch.device) -> nn.Module:
-    from vision.hub import from_pretrained
-
-    model = from_pretrained(spec, device=device)
-    if not callable(getattr(model, "features", None)):
-        raise UserError(f"--features {spec} is a {type(model).__name__}, which has no features() method")
-    return model.eval()
-
-
-def build_extractor(args, ctx: Context) -> Extractor:
-    if getattr(args, "features", None):
-        return Extractor(ClassifierFeatures(load_classifier(args.features, ctx.device)), f"features:{args.features}")
-    return Extractor(load_inception(getattr(args, "inception", None)).to(ctx.device), "fid-inception-2015-12-05:tf1")
-
-
-def load_inception(path: str | None) -> nn.Module:
-    from vision.hub import HubError
-    from vision.metrics.features import (PYTORCH_FID_FILE, InceptionFeatures, _hub_checkpoints,
-                                         default_inception_path, locate_inception)
-
-    if path is not None and not Path(path).expanduser().is_file():
-        raise UserError(f"--inception {path} does not exist")
-    try:
-        weights = locate_inception(path)
-    except FileNotFoundError:
-        raise UserError(f"Inception weights not found: put pytorch-fid's {PYTORCH_FID_FILE} in {_hub_checkpoints()}/, "
-                        f"or run `python -m apps.evaluate import-inception FILE` to write {default_inception_path()}, "
-                        "or pass --inception FILE") from None
-    try:
-        return InceptionFeatures(weights)
-    except (ValueError, HubError, RuntimeError) as e:
-        raise UserError(f"{weights}: not usable FID Inception weights ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics files (pytorch-fid format: mu, sigma; Tessera adds n and the extractor)
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Stats:
-    mu: Tensor
-    sigma: Tensor
-    n: int | None
-    tag: str | None
-
-
-def read_stats(path: Path) -> Stats:
-    import zipfile
-
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("mu", "sigma") if k not in f.files]
-            if missing:
-                raise UserError(f"{path} has no {' or '.join(missing)}; a statistics file holds mu and sigma "
-                                "(pytorch-fid's format, written by `python -m apps.evaluate stats`)")
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            n = int(f["n"]) if "n" in f.files else None
-            tag = str(f["extractor"]) if "extractor" in f.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npz statistics file ({_first_line(e)})") from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise UserError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
-    return Stats(torch.from_numpy(mu), torch.from_numpy(sigma), n, tag)
-
-
-def write_stats(path: Path, stats: Stats, overwrite: bool) -> None:
-    from vision.cli import atomic_output
-
-    with atomic_output(path, overwrite) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu.numpy(), sigma=stats.sigma.numpy(), n=np.int64(stats.n), extractor=np.str_(stats.tag))
-
-
-def stats_of_features(features: Tensor, tag: str, what: str) -> Stats:
-    from vision.metrics.fid import FeatureStatistics
-
-    if len(features) < 2:
-        raise UserError(f"{what}: FID needs at least 2 images, found {len(features)}")
-    s = FeatureStatistics().update(features)
-    return Stats(s.mean, s.cov, s.n, tag)
-
-
-# ---------------------------------------------------------------------------------------------
-# Subcommands
-# ---------------------------------------------------------------------------------------------
-
 def _features_args(p: argparse.ArgumentParser, logits: bool = False) -> None:
     g = p.add_argument_group("feature extractor")
     which = g.add_mutually_exclusive_group()
@@ -386,25 +68,8 @@ def _features_args(p: argparse.ArgumentParser, logits: bool = False) -> None:
                        + ("; IS then uses its logits" if logits else ""))
 
 
-def _extract(ctx: Context, extractor: Extractor, files: list[Path], desc: str,
-             logits: bool = False) -> dict[str, Tensor]:
-    def fn(batch: Tensor) -> dict[str, Tensor]:
-        batch = batch.to(ctx.device)
-        if logits:
-            return {"logits": extractor.logits(batch)}
-        return {"features": extractor.features(batch)}
-
-    return map_dataset(ctx, ImageFiles(files), fn, desc=desc)
-
-
-def _side(value: str, what: str) -> Stats | list[Path]:
-    """One side of FID, checked before any network loads: a statistics file, or a folder's images."""
-    path = Path(value)
-    if path.is_file():
-        if path.suffix.lower() != ".npz":
-            raise UserError(f"{what} {value} is neither a folder of images nor a .npz statistics file")
-        return read_stats(path)
-    return image_files(path, what)
+def _extractor(args) -> dict:
+    return {"features": args.features, "inception": args.inception}
 
 
 def _fid_args(p):
@@ -414,23 +79,10 @@ def _fid_args(p):
 
 
 @subcommand("fid", "Fréchet Inception Distance between two folders and/or statistics files", _fid_args)
-def cmd_fid(args, ctx: Context) -> Figures:
-    sides = {"real": _side(args.real, "--real"), "fake": _side(args.fake, "--fake")}
-    extractor = None
-    for name, side in sides.items():
-        if isinstance(side, list):
-            extractor = extractor or build_extractor(args, ctx)
-            feats = _extract(ctx, extractor, side, desc=name)["features"]
-            sides[name] = stats_of_features(feats, extractor.tag, f"--{name}")
-    real, fake = sides["real"], sides["fake"]
-    if real.mu.shape != fake.mu.shape:
-        raise UserError(f"--real has {real.mu.shape[0]}-d features but --fake {fake.mu.shape[0]}-d; "
-                        "both sides must come from the same feature extractor")
-    if real.tag and fake.tag and real.tag != fake.tag:
-        warnings.warn(f"--real features are from {real.tag}, --fake from {fake.tag}")
-    figures = {"fid": _fid_of(real, fake)}
-    figures.update({f"n_{k}": s.n for k, s in (("real", real), ("fake", fake)) if s.n is not None})
-    return figures
+def cmd_fid(args, runner: Runner) -> Figures:
+    from vision.metrics.folder_metrics import fid_from_folders
+
+    return fid_from_folders(args.real, args.fake, **_extractor(args), runner=runner)
 
 
 def _kid_args(p):
@@ -443,22 +95,11 @@ def _kid_args(p):
 
 
 @subcommand("kid", "Kernel Inception Distance (cubic polynomial MMD^2 over random subsets)", _kid_args)
-def cmd_kid(args, ctx: Context) -> Figures:
-    from vision.metrics.kid import kid_from_features
+def cmd_kid(args, runner: Runner) -> Figures:
+    from vision.metrics.folder_metrics import kid_from_folders
 
-    for value, what in ((args.real, "--real"), (args.fake, "--fake")):
-        if Path(value).is_file():
-            raise UserError(f"{what} {value}: KID needs the images (a statistics file keeps only mu and sigma)")
-    if args.subsets < 1 or args.subset_size < 2:
-        raise UserError("--subsets must be >= 1 and --subset-size >= 2")
-    real_files, fake_files = image_files(args.real, "--real"), image_files(args.fake, "--fake")
-    extractor = build_extractor(args, ctx)
-    real = _extract(ctx, extractor, real_files, "real")["features"]
-    fake = _extract(ctx, extractor, fake_files, "fake")["features"]
-    if min(len(real), len(fake)) < 2:
-        raise UserError(f"KID needs at least 2 images per set, have {len(real)} real and {len(fake)} fake")
-    mean, std = kid_from_features(real, fake, subsets=args.subsets, subset_size=args.subset_size, seed=args.seed)
-    return {"kid_mean": mean, "kid_std": std, "n_real": len(real), "n_fake": len(fake)}
+    return kid_from_folders(args.real, args.fake, subsets=args.subsets, subset_size=args.subset_size, seed=args.seed,
+                            **_extractor(args), runner=runner)
 
 
 def _is_args(p):
@@ -469,23 +110,10 @@ def _is_args(p):
 
 
 @subcommand("is", "Inception Score of a folder (Inception classifier, or --features' logits)", _is_args)
-def cmd_is(args, ctx: Context) -> Figures:
-    from vision.metrics.inception_score import inception_score
+def cmd_is(args, runner: Runner) -> Figures:
+    from vision.metrics.folder_metrics import inception_score_of_folder
 
-    if args.splits < 1:
-        raise UserError(f"--splits must be >= 1, got {args.splits}")
-
-    files = image_files(args.fake, "--fake")
-    if len(files) < args.splits:
-        raise UserError(f"--splits {args.splits} needs at least that many images; have {len(files)}")
-    extractor = build_extractor(args, ctx)
-    if not extractor.has_logits:
-        raise UserError(f"Inception Score needs the Inception classifier, which {extractor.module.weights_path} "
-                        "lacks; pass --inception with pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
-                        "NVIDIA's inception-2015-12-05.pt")
-    logits = _extract(ctx, extractor, files, "fake", logits=True)["logits"]
-    mean, std = inception_score(logits, splits=args.splits, seed=args.seed)
-    return {"is_mean": mean, "is_std": std, "n_fake": len(logits)}
+    return inception_score_of_folder(args.fake, splits=args.splits, seed=args.seed, **_extractor(args), runner=runner)
 
 
 def _stats_args(p):
@@ -495,15 +123,16 @@ def _stats_args(p):
 
 
 @subcommand("stats", "write the feature mean and covariance of a folder (pytorch-fid's mu/sigma .npz)", _stats_args)
-def cmd_stats(args, ctx: Context) -> Figures:
+def cmd_stats(args, runner: Runner) -> Figures:
+    from vision.metrics.fid_statistics import write_fid_statistics
+    from vision.metrics.folder_metrics import statistics_of_folder
+
     out = check_output(args.output, args.overwrite)
     if out.suffix.lower() != ".npz":
         raise UserError(f"-o {out}: a statistics file must end in .npz")
-    files = image_files(args.folder, "folder")
-    extractor = build_extractor(args, ctx)
-    stats = stats_of_features(_extract(ctx, extractor, files, "stats")["features"], extractor.tag, args.folder)
-    if ctx.is_main:
-        write_stats(out, stats, args.overwrite)
+    stats = statistics_of_folder(args.folder, **_extractor(args), runner=runner)
+    if runner.is_main:
+        write_fid_statistics(out, stats, args.overwrite)
         print(f"wrote {out} ({stats.n} images, {stats.mu.shape[0]}-d {stats.tag})", file=sys.stderr)
     return {"n_real": stats.n}
 
@@ -521,102 +150,13 @@ def _rfid_args(p):
     _features_args(p)
 
 
-class CroppedFiles(ImageFiles):
-    """The rFID protocol's input: short side to `size` (bicubic, antialiased), centre crop, quantised to uint8."""
-
-    def __init__(self, files: list[Path], size: int):
-        super().__init__(files)
-        self.size = size
-
-    def __getitem__(self, i: int):
-        from vision.data import ImageReadError, center_crop_resize, read_image, to_uint8
-
-        try:
-            return to_uint8(center_crop_resize(read_image(self.files[i]), self.size))
-        except ImageReadError as e:
-            return _Unreadable(str(e))
-
-
-def load_tokenizer(spec: str, device: torch.device) -> nn.Module:
-    from vision.hub import from_pretrained
-
-    model = from_pretrained(spec, device=device)
-    if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
-        raise UserError(f"--tokenizer {spec} is a {type(model).__name__}, which has no encode()/decode()")
-    return model.eval()
-
-
-def _optional_lpips(args, ctx: Context) -> nn.Module | None:
-    from vision.metrics.image_quality import load_lpips, locate_lpips_backbone
-
-    try:
-        locate_lpips_backbone(args.lpips_net, args.lpips_backbone)
-    except FileNotFoundError as e:
-        if args.lpips_backbone:
-            raise UserError(str(e)) from None
-        warnings.warn(f"LPIPS skipped: {e}")
-        return None
-    return load_lpips(args.lpips_net, args.lpips_backbone, device=ctx.device)
-
-
 @subcommand("rfid", "reconstruction FID (+ PSNR, SSIM, LPIPS) of a tokenizer on a folder of originals", _rfid_args)
-def cmd_rfid(args, ctx: Context) -> Figures:
-    from vision.data import to_uint8
-    from vision.metrics.image_quality import psnr, ssim
+def cmd_rfid(args, runner: Runner) -> Figures:
+    from vision.metrics.reconstruction import rfid_of_tokenizer
 
-    if args.image_size < 8:
-        raise UserError(f"--image-size must be >= 8, got {args.image_size}")
-    files = image_files(args.data, "--data")
-    if args.num is not None:
-        if not 2 <= args.num <= len(files):
-            raise UserError(f"--num must be in 2..{len(files)} (images in {args.data}), got {args.num}")
-        files = [files[i * len(files) // args.num] for i in range(args.num)]
-    tokenizer = load_tokenizer(args.tokenizer, ctx.device)
-    spec = getattr(tokenizer, "spec", None)
-    if spec is not None and args.image_size % spec.downsample:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of the tokenizer's downsample factor "
-                        f"{spec.downsample}")
-    extractor = build_extractor(args, ctx)
-    lpips_model = _optional_lpips(args, ctx)
-
-    def fn(originals: Tensor) -> dict[str, Tensor]:
-        originals = originals.to(ctx.device)
-        recon = to_uint8(tokenizer.decode(tokenizer.encode(originals.to(torch.float32) / 127.5 - 1)))
-        if recon.shape != originals.shape:
-            raise UserError(f"--tokenizer {args.tokenizer} turned {tuple(originals.shape)} images into "
-                            f"{tuple(recon.shape)} reconstructions")
-        a, b = originals.to(torch.float64) / 255, recon.to(torch.float64) / 255
-        rows = {"real": extractor.features(originals), "fake": extractor.features(recon),
-                "psnr": psnr(b, a, reduction="none"), "ssim": ssim(b, a, reduction="none")}
-        if lpips_model is not None:
-            rows["lpips"] = _lpips(b, a, lpips_model)
-        return rows
-
-    rows = map_dataset(ctx, CroppedFiles(files, args.image_size), fn, desc="rfid")
-    real = stats_of_features(rows["real"], extractor.tag, "--data")
-    fake = stats_of_features(rows["fake"], extractor.tag, "--data")
-    return {"fid": _fid_of(real, fake), "psnr": float(rows["psnr"].mean()), "ssim": float(rows["ssim"].mean()),
-            **({"lpips": float(rows["lpips"].mean())} if "lpips" in rows else {}),
-            "n_real": real.n, "n_fake": fake.n}
-
-
-def _fid_of(real: Stats, fake: Stats) -> float:
-    from vision.metrics.fid import frechet_distance
-
-    for s, name in ((real, "real"), (fake, "fake")):
-        if s.n is not None and s.n < s.mu.shape[0]:
-            warnings.warn(f"{name} set has {s.n} images for {s.mu.shape[0]}-d features: the covariance is "
-                          "rank-deficient and FID is biased upward (published FIDs use 50k images)")
-    return frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
-
-
-def _lpips(test: Tensor, ref: Tensor, model: nn.Module) -> Tensor:
-    from vision.metrics.image_quality import lpips_distance
-
-    try:
-        return lpips_distance(test.float(), ref.float(), model, reduction="none").to(torch.float64)
-    except RuntimeError as e:  # e.g. images smaller than the backbone's receptive field
-        raise UserError(f"LPIPS cannot score {_size(test)} images ({_first_line(e)})") from None
+    return rfid_of_tokenizer(args.tokenizer, args.data, image_size=args.image_size, num=args.num,
+                             lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone, **_extractor(args),
+                             runner=runner)
 
 
 def _paired_args(metric: str):
@@ -636,29 +176,14 @@ def _paired_args(metric: str):
 
 
 def _paired(metric: str):
-    def cmd(args, ctx: Context) -> Figures:
-        from vision.metrics.image_quality import load_lpips, psnr, ssim
+    def cmd(args, runner: Runner) -> Figures:
+        from vision.metrics.folder_metrics import paired_folder_metric
 
-        pairs = paired_files(args.ref, args.test)
         if metric == "lpips":
-            model = load_lpips(args.net, args.backbone, device=ctx.device)
-            score = lambda t, r: _lpips(t, r, model)  # noqa: E731
+            options = {"net": args.net, "backbone": args.backbone}
         else:
-            if args.shave < 0:
-                raise UserError(f"--shave must be >= 0, got {args.shave}")
-            f = psnr if metric == "psnr" else ssim
-            score = lambda t, r: f(t, r, y_channel=args.y_channel, shave=args.shave, reduction="none")  # noqa: E731
-
-        shave = getattr(args, "shave", 0)
-
-        def fn(batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-            ref, test = (x.to(ctx.device, torch.float64) / 255 for x in batch)
-            if shave and min(ref.shape[-2:]) <= 2 * shave:
-                raise UserError(f"--shave {shave} leaves nothing of a {_size(ref)} image")
-            return {metric: score(test, ref).to(torch.float64)}
-
-        values = map_dataset(ctx, PairedFiles(pairs), fn, desc=metric)[metric]
-        return {metric: float(values.mean()), "n_real": len(values), "n_fake": len(values)}
+            options = {"y_channel": args.y_channel, "shave": args.shave}
+        return paired_folder_metric(metric, args.ref, args.test, **options, runner=runner)
 
     return cmd
 
@@ -678,33 +203,11 @@ def _classify_args(p):
 
 
 @subcommand("classify", "class histogram (and accuracy) of generated images under a classifier", _classify_args)
-def cmd_classify(args, ctx: Context) -> Figures:
-    files = image_files(args.fake, "--fake")
-    labels = None
-    if args.labels_from_folders:
-        root = Path(args.fake)
-        names = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None for f in files]
-        bad = next((f for f, n in zip(files, names) if n is None or not n.isdigit()), None)
-        if bad is not None:
-            raise UserError(f"--labels-from-folders: {bad} is not in a sub-folder named by a class id (0, 1, ...)")
-        labels = torch.tensor([int(n) for n in names])
-    model = load_classifier(args.features, ctx.device)
-    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    if labels is not None and num_classes is not None and int(labels.max()) >= num_classes:
-        raise UserError(f"--labels-from-folders: class {int(labels.max())}, but the classifier has "
-                        f"{num_classes} classes")
+def cmd_classify(args, runner: Runner) -> Figures:
+    from vision.metrics.folder_metrics import classify_folder
 
-    def fn(batch: Tensor) -> dict[str, Tensor]:
-        return {"pred": model(batch.to(ctx.device)).argmax(1)}
-
-    pred = map_dataset(ctx, ImageFiles(files), fn, desc="classify")["pred"]
-    num_classes = num_classes or int(pred.max()) + 1
-    figures: Figures = {"n_fake": len(pred)}
-    if labels is not None:
-        figures["accuracy"] = float((pred == labels).double().mean())
-    counts = torch.bincount(pred, minlength=num_classes)
-    figures.update({f"count_{c}": int(counts[c]) for c in range(num_classes)})
-    return figures
+    return classify_folder(args.fake, classifier=args.features, labels_from_folder_names=args.labels_from_folders,
+                           runner=runner)
 
 
 def _import_args(p):
@@ -715,8 +218,9 @@ def _import_args(p):
 
 
 @subcommand("import-inception", "convert FID Inception weights into the .safetensors file Tessera uses", _import_args)
-def cmd_import_inception(args, ctx: Context) -> None:
+def cmd_import_inception(args, runner: Runner) -> None:
     from vision.hub import HubError
+    from vision.metrics.errors import first_line
     from vision.metrics.features import convert_inception, default_inception_path, read_inception_weights
 
     src = Path(args.path)
@@ -728,12 +232,12 @@ def cmd_import_inception(args, ctx: Context) -> None:
     check_output(dst, args.overwrite)
     if dst.suffix != ".safetensors":
         raise UserError(f"-o {dst}: the output must end in .safetensors")
-    if not ctx.is_main:
+    if not runner.is_main:
         return None
     try:
         convert_inception(src, dst)
     except (ValueError, HubError, RuntimeError, OSError) as e:
-        raise UserError(f"{src}: not FID Inception weights ({_first_line(e)})") from None
+        raise UserError(f"{src}: not FID Inception weights ({first_line(e)})") from None
     classifier = "fc.weight" in read_inception_weights(dst)
     print(f"wrote {dst} ({'with' if classifier else 'without'} the classifier"
           f"{'' if classifier else ': FID and KID only, no Inception Score'})")
@@ -748,7 +252,7 @@ def _seg_args(p):
 
 
 @subcommand("seg", "per-class Dice / HD95 / detected components of NIfTI label maps against ground truth", _seg_args)
-def cmd_seg(args, ctx: Context) -> Figures:
+def cmd_seg(args, runner: Runner) -> Figures:
     from segmentation.evaluation import evaluate_folders, format_table as seg_table
 
     names = [n.strip() for n in args.labels.split(",")] if args.labels else None
@@ -807,12 +311,12 @@ def main(argv=None) -> int:
         check_output(args.json, args.overwrite)
     device = resolve_device(args.device)
     info = setup_distributed(device)
-    ctx = Context(info.device, info.rank, info.world_size, args.batch_size, args.workers, args.quiet)
+    runner = Runner(info.device, info.rank, info.world_size, args.batch_size, args.workers, args.quiet)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            figures = SUBCOMMANDS[args.command].run(args, ctx)
-        if ctx.is_main:
+            figures = SUBCOMMANDS[args.command].run(args, runner)
+        if runner.is_main:
             for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught
                                          if issubclass(w.category, UserWarning)):
                 print(f"note: {message}", file=sys.stderr)

@@ -77,6 +77,10 @@ class MNISTClassifier(nn.Module):
         """Penultimate activations (B, feature_dim)."""
         return self.embed(self.stages(self.prepare(images)))
 
+    def logits_of_features(self, features: Tensor) -> Tensor:
+        """Class logits from `features(x)`'s output: both from one pass when a caller needs both."""
+        return self.head(self.dropout(features))
+
     def forward(self, images: Tensor) -> Tensor:
         """Class logits (B, num_classes)."""
-        return self.head(self.dropout(self.features(images)))
+        return self.logits_of_features(self.features(images))

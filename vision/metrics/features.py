@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from vision.atomic import atomic_path
 from vision.metrics.inception import (INPUT_SIZE, POOL_DIM, FIDInceptionV3, load_fid_inception_state_dict,
                                       torchscript_to_pytorch_fid_keys)
 from vision.metrics.resize import ResizeMode, resize_for_inception
@@ -155,10 +156,9 @@ def convert_inception(src_path: str | os.PathLike, dst_path: str | os.PathLike |
     state = read_inception_weights(src)
     load_fid_inception_state_dict(FIDInceptionV3(with_classifier="fc.weight" in state), state)  # validate
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "tessera-fid-inception-v3", "source": src.name,
-                                         "classifier": str("fc.weight" in state).lower()})
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:  # safetensors alone would create the file with mode 0600
+        save_file(state, str(tmp), metadata={"format": "tessera-fid-inception-v3", "source": src.name,
+                                             "classifier": str("fc.weight" in state).lower()})
     return dst
 
 

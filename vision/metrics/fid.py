@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vision.atomic import atomic_path
 from vision.metrics.features import FeatureExtractor, InceptionFeatures, extract_features
 
 
@@ -79,8 +80,12 @@ class FeatureStatistics:
         return self._m2 / (self.n - 1)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write mu and sigma as .npz (the format of pytorch-fid's precomputed statistics)."""
-        np.savez(path, mu=self.mean.cpu().numpy(), sigma=self.cov.cpu().numpy(), n=self.n)
+        """Write mu and sigma as .npz (the format of pytorch-fid's precomputed statistics), atomically."""
+        path = Path(path)
+        if path.suffix != ".npz":  # as np.savez names it
+            path = path.with_name(path.name + ".npz")
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=self.mean.cpu().numpy(), sigma=self.cov.cpu().numpy(), n=self.n)
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
