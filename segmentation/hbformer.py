@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -224,6 +223,8 @@ class SwinEncoder(nn.Module):
 
     def __init__(self, config: HBFormerConfig):
         super().__init__()
+        import timm  # imported here: it takes seconds, and every app's model lookup imports this module
+
         self.backbone = timm.create_model(
             "swin_tiny_patch4_window7_224",
             pretrained=False,
