@@ -267,8 +267,90 @@ def load_official_state_dict(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubError(f"{path}: refusing to unpickle objects that are not tensors or plain containers ({first})") from None
-    except (RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # garbage bytes also raise IndexError, KeyError, struct.error... from the unpickler
         raise HubError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------- one resolution rule for every app
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialImporter:
+    """How one family recognises its released checkpoint files and turns them into a Tessera model.
+
+    recognise(obj) gets what `load_official_state_dict` returned for the file (e.g. ``{"model": state}``
+    or a plain state dict) and must be specific enough not to claim another family's files;
+    load(obj, path) returns the model with its weights copied and checked.
+    """
+
+    name: str
+    kind: str  # generator | tokenizer | decoder | segmenter | classifier
+    recognise: typing.Callable[[Any], bool]
+    load: typing.Callable[[Any, Path], nn.Module]
+
+
+_IMPORTERS: dict[str, OfficialImporter] = {}
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+def register_official(name: str, *, kind: str, recognise, load) -> None:
+    """Register a family's importer of released checkpoints (at import time of the family's module)."""
+    _IMPORTERS[name] = OfficialImporter(name, kind, recognise, load)
+
+
+def official_importers(kind: str | None = None) -> dict[str, OfficialImporter]:
+    _import_model_packages()
+    return {n: i for n, i in _IMPORTERS.items() if kind is None or i.kind == kind}
+
+
+def load_official(path: str | os.PathLike, *, kind: str | None = None) -> nn.Module:
+    """Load a released checkpoint file through the first registered importer that recognises it."""
+    path = Path(path)
+    importers = official_importers(kind)
+    obj = load_official_state_dict(path)
+    for importer in importers.values():
+        try:
+            ok = importer.recognise(obj)
+        except Exception:  # a recogniser that trips over a foreign layout simply does not recognise it
+            ok = False
+        if ok:
+            return importer.load(obj, path).eval()
+    tried = ", ".join(sorted(importers)) or "none registered"
+    what = f"{kind} " if kind else ""
+    raise HubError(f"{path}: not a {what}checkpoint of any family Tessera imports (tried: {tried})")
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, kind: str | None = None,
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """The one rule every app uses for --model/--tokenizer/--vae: a shipped name, a save_pretrained folder
+    (or its .safetensors), or a released checkpoint file recognised by a family importer."""
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+        model = load_official(path, kind=kind)
+    elif path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
+        model = from_pretrained(path)
+    elif path.exists():
+        raise HubError(f"{path}: expected a save_pretrained folder, a .safetensors file or a released checkpoint "
+                       f"({', '.join(OFFICIAL_SUFFIXES)})")
+    elif path.suffix in OFFICIAL_SUFFIXES + (".safetensors",) or os.sep in str(name_or_path):
+        raise HubError(f"{path} does not exist")
+    else:
+        model = _from_index(str(name_or_path), device)
+    if kind is not None:
+        actual = model_kind(model)
+        if actual is not None and actual != kind:
+            raise HubError(f"{name_or_path} is a {actual}, not a {kind}")
+    return model.to(device).eval()
+
+
+def model_kind(model: nn.Module) -> str | None:
+    """generator | tokenizer | ... from the class (None when it does not say)."""
+    from vision.tokens import Tokenizer
+
+    kind = getattr(type(model), "kind", None)
+    if kind is None and isinstance(model, Tokenizer):
+        kind = "tokenizer"
+    return kind
 
 
 # ---------------------------------------------------------------- helpers

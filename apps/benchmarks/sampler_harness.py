@@ -1,0 +1,109 @@
+"""Two (or more) samplers on the same model, labels and seeds: what every family's sampler benchmark uses.
+
+Repetitions alternate between the samplers (A B A B ...), so a slow moment of the machine does not
+fall on one side only, and medians are reported: wall time, counted forward passes
+(`GenerationStats.nfe`, `draft_nfe`), tokens accepted per iteration, and peak memory of the run
+(on CUDA the allocator's peak; on Linux CPU the resident high-water mark, reset before each run).
+Quality is measured once per sampler on its own, larger set of samples: Fréchet distance in the
+MNIST classifier's feature space and class accuracy (`vision.metrics.digits`), and the spread of the
+reference sampler over seeds says how much of a difference is sampling noise.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplerRun:
+    """One side of a comparison: a report name, the sampler, its options, and optionally another model
+    (e.g. the same family at a different size)."""
+
+    name: str
+    sampler: str = "plain"
+    options: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets this process's VmHWM (peak RSS) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from apps.benchmarks import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def time_samplers(model, runs: list[SamplerRun], labels: torch.Tensor, *, repeats: int = 3, seed: int = 0,
+                  warmup: bool = True) -> dict[str, dict[str, float]]:
+    """Median wall time, forward passes, accepted tokens per iteration and peak memory of each run, on the
+    same labels and seed, repetitions alternating between the runs."""
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    samples: dict[str, list[dict[str, float]]] = {r.name: [] for r in runs}
+    order = ([None] if warmup else []) + list(range(repeats))
+    for rep in order:
+        for run in runs:
+            gen = run.model or model
+            g = torch.Generator(device).manual_seed(seed)
+            reset_peak_memory(device)
+            t0 = time.perf_counter()
+            _, stats = gen.generate(labels, sampler=run.sampler, generator=g, **run.options)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wall = time.perf_counter() - t0
+            if rep is None:
+                continue
+            samples[run.name].append({"wall_s": wall, "nfe": stats.nfe, "draft_nfe": stats.draft_nfe,
+                                      "mean_accepted": stats.mean_accepted, "peak_memory_mb": peak_memory_mb(device)})
+    return {name: {k: statistics.median(s[k] for s in rows) for k in rows[0]} for name, rows in samples.items()}
+
+
+@torch.no_grad()
+def digit_quality(model, tokenizer, run: SamplerRun, *, per_class: int = 100, seed: int = 0,
+                  batch_size: int = 100) -> dict[str, float]:
+    """FD and class accuracy of `per_class` samples of each digit drawn with `run`."""
+    from vision.metrics.digits import score_digits
+
+    gen = run.model or model
+    device = next(gen.parameters()).device
+    labels = torch.arange(10).repeat_interleave(per_class)
+    g = torch.Generator(device).manual_seed(seed)
+    images = []
+    for chunk in labels.split(batch_size):
+        tokens, _ = gen.generate(chunk.to(device), sampler=run.sampler, generator=g, **run.options)
+        images.append(tokenizer.decode(tokens).clamp(-1, 1).float().cpu())
+    return score_digits(torch.cat(images), labels)
+
+
+def compare_samplers(model, tokenizer, runs: list[SamplerRun], *, timing_labels: torch.Tensor, repeats: int = 3,
+                     per_class: int = 100, noise_seeds: int = 3, seed: int = 0) -> dict[str, float]:
+    """Flat figures: `{name}_wall_s`, `{name}_nfe`, `{name}_draft_nfe`, `{name}_mean_accepted`,
+    `{name}_peak_memory_mb`, `{name}_fd`, `{name}_accuracy` for each run, and `{first}_fd_noise` /
+    `{first}_accuracy_noise`: the standard deviation of the first run's quality over `noise_seeds` seeds."""
+    figures: dict[str, float] = {}
+    for name, row in time_samplers(model, runs, timing_labels, repeats=repeats, seed=seed).items():
+        figures.update({f"{name}_{k}": float(v) for k, v in row.items()})
+    for run in runs:
+        q = digit_quality(model, tokenizer, run, per_class=per_class, seed=seed)
+        figures[f"{run.name}_fd"], figures[f"{run.name}_accuracy"] = q["fd"], q["accuracy"]
+    if noise_seeds > 1:
+        ref = runs[0]
+        qs = [digit_quality(model, tokenizer, ref, per_class=per_class, seed=seed + 1000 + s) for s in range(noise_seeds)]
+        figures[f"{ref.name}_fd_noise"] = statistics.stdev([q["fd"] for q in qs])
+        figures[f"{ref.name}_accuracy_noise"] = statistics.stdev([q["accuracy"] for q in qs])
+    return figures
