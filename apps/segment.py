@@ -31,8 +31,8 @@ def parse(argv):
     p = ArgumentParser(prog="python -m apps.segment", description=__doc__.split("\n\n")[0].split(" — ")[1])
     p.add_argument("input", help="a .nii/.nii.gz volume, a folder holding one DICOM series, or a folder of "
                    ".nii/.nii.gz volumes")
-    p.add_argument("-o", "--output", help="output .nii.gz (a folder when the input is a folder of NIfTI files); "
-                   "default: NAME_seg.nii.gz beside the input")
+    p.add_argument("-o", "--output", help="output .nii.gz (a folder when the input is a folder of NIfTI files, "
+                   "not the input folder itself); default: NAME_seg.nii.gz beside the input (for a folder: FOLDER_seg/)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="shipped segmenter name or a saved segmenter folder")
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the model's, 0.5 for the shipped ones)")
@@ -58,6 +58,12 @@ def _stem(path: Path) -> str:
     return name
 
 
+def _looks_like_file(path: Path) -> bool:
+    from vision.data.images import IMAGE_EXTENSIONS
+
+    return _is_nifti(path) or path.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def plan(args) -> list[tuple[Path, Path]]:
     """(input, output) pairs, every output checked before any work."""
     from segmentation.dataset import case_name
@@ -71,8 +77,14 @@ def plan(args) -> list[tuple[Path, Path]]:
         out_dir = Path(args.output) if args.output else src.with_name(src.name + "_seg")
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"{out_dir} is a file; with a folder of volumes, -o must be a folder")
+        if _looks_like_file(out_dir) and not out_dir.is_dir():
+            raise UserError(f"-o {out_dir} looks like a file name, but {src} is a folder of {len(niftis)} volume(s): "
+                            "give an output folder (each label map is written there as NAME.nii.gz)")
         if not out_dir.parent.is_dir():
             raise UserError(f"output folder {out_dir.parent} does not exist")
+        if out_dir.resolve() == src.resolve():
+            raise UserError(f"-o {out_dir} is the input folder: the label maps would be read as volumes by the next "
+                            "run; give another output folder")
         pairs = [(f, out_dir / f"{case_name(f)}.nii.gz") for f in niftis]
         if len({d for _, d in pairs}) != len(pairs):
             raise UserError(f"{src}: two volumes map to the same case name")
@@ -81,6 +93,8 @@ def plan(args) -> list[tuple[Path, Path]]:
         dst = Path(args.output) if args.output else default
         if dst.is_dir():
             raise UserError(f"{dst} is a folder; give an output file name ending in .nii.gz")
+        if dst.exists() and dst.resolve() == src.resolve():
+            raise UserError(f"-o {dst} is the input volume; give another output file name")
         pairs = [(src, dst)]
     for _, dst in pairs:
         if not _is_nifti(dst):

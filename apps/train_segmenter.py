@@ -20,9 +20,12 @@ z-scored per case; random patches, a third centred on a foreground class drawn u
 those present (so tiny lesions are seen as often as organs), mirrored along each axis; soft Dice
 + cross-entropy (deep supervision with nnU-Net's weights for neU-Net); AdamW with polynomial
 learning-rate decay (power 0.9); then, per class, keep-the-largest-connected-component
-post-processing where it does not lower the Dice on training cases. Everything (preparation, window, class names) is stored with the
-model, so OUT/model runs with `python -m apps.segment --model OUT/model`. With --val, the held-out
-cases are segmented as apps.segment does and per-class Dice / HD95 (mm) are printed.
+post-processing where it does not lower the Dice. That choice is made on a share of the training
+cases held out of training (--postprocess-split, as nnU-Net decides it on its cross-validation
+folds), never on --val, so the --val score is not tuned to --val. Everything (preparation, window,
+class names, post-processing) is stored with the model, so OUT/model runs with
+`python -m apps.segment --model OUT/model`. With --val, the held-out cases are segmented as
+apps.segment does and per-class Dice / HD95 (mm) are printed.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vision import argtypes
+from vision.atomic import atomic_path
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
 
@@ -57,11 +62,11 @@ def parse(argv):
     g = p.add_argument_group("phantom data (writes a dataset and exits)")
     g.add_argument("--make-phantoms", nargs=2, metavar=("DIR", "N"),
                    help="write N seeded phantom CT volumes as DIR/imagesTr + DIR/labelsTr + DIR/dataset.json")
-    g.add_argument("--first-seed", type=int, default=0, help="phantom i is vision.data.phantom.make_phantom(first_seed + i)")
+    g.add_argument("--first-seed", type=argtypes.non_negative_int, default=0, help="phantom i is vision.data.phantom.make_phantom(first_seed + i)")
     g.add_argument("--phantom-shape", default="64,64,48", help="phantom volume shape in voxels")
     g.add_argument("--phantom-spacing", default="1.5,1.5,3.0", help="phantom voxel size in mm")
-    g.add_argument("--organs", type=int, default=4, help="organs per phantom")
-    g.add_argument("--lesions", type=int, default=3, help="lesions (radius 1-2 voxels) per phantom")
+    g.add_argument("--organs", type=argtypes.positive_int, default=4, help="organs per phantom")
+    g.add_argument("--lesions", type=argtypes.non_negative_int, default=3, help="lesions (radius 1-2 voxels) per phantom")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", help="training folder (imagesTr/ + labelsTr/ [+ dataset.json])")
@@ -69,8 +74,8 @@ def parse(argv):
     g.add_argument("--modality", choices=["CT", "MR"], help="default: dataset.json's channel 0 name, else CT")
     g.add_argument("--spacing", default="auto", help="target spacing in mm x,y,z; auto: the median of the training "
                    "set; none: no resampling")
-    g.add_argument("--fg-fraction", type=float, default=0.33, help="share of patches centred on foreground")
-    g.add_argument("--repeat", type=int, default=50, help="patches per case per epoch")
+    g.add_argument("--fg-fraction", type=argtypes.fraction, default=0.33, help="share of patches centred on foreground")
+    g.add_argument("--repeat", type=argtypes.positive_int, default=50, help="patches per case per epoch")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=["neunet", "hbformer"], default="neunet", help="architecture")
@@ -80,19 +85,27 @@ def parse(argv):
     g.add_argument("--strides", default="auto", help="neU-Net strides per stage, e.g. 1x1x1,2x2x1,2x2x2,2x2x2; auto: "
                    "nnU-Net's rule (halve axes whose spacing is < 2x the finest)")
     g.add_argument("--no-wavelets", action="store_true", help="neU-Net without the wavelet inputs (PlainneUNet)")
-    g.add_argument("--img-size", type=int, default=64, help="HBFormer input side (slices are padded/windowed)")
-    g.add_argument("--embed-dim", type=int, default=24, help="HBFormer Swin embedding width (official 96)")
+    g.add_argument("--img-size", type=argtypes.positive_int, default=64,
+                   help="HBFormer input side, a multiple of 4 (slices are padded/windowed)")
+    g.add_argument("--embed-dim", type=argtypes.positive_int, default=24, help="HBFormer Swin embedding width (official 96)")
     g.add_argument("--depths", default="2,2,2,2", help="HBFormer Swin blocks per stage (official 2,2,6,2)")
     g.add_argument("--heads", default="1,2,4,8", help="HBFormer Swin heads per stage (official 3,6,12,24)")
-    g.add_argument("--feature-size", type=int, default=16, help="HBFormer decoder width (official 48)")
-    g.add_argument("--drop-path", type=float, default=0.1, help="HBFormer stochastic depth (official 0.2)")
+    g.add_argument("--feature-size", type=argtypes.positive_int, default=16, help="HBFormer decoder width (official 48)")
+    g.add_argument("--drop-path", type=argtypes.number(float, min=0, max=1, max_open=True), default=0.1,
+                   help="HBFormer stochastic depth (official 0.2)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-3 neU-Net, 5e-4 HBFormer)")
-    g.add_argument("--weight-decay", type=float, default=3e-5, help="AdamW weight decay (nnU-Net's)")
+    g.add_argument("--lr", type=argtypes.positive_float, default=None,
+                   help="AdamW learning rate (default 3e-3 neU-Net, 5e-4 HBFormer)")
+    g.add_argument("--weight-decay", type=argtypes.non_negative_float, default=3e-5, help="AdamW weight decay (nnU-Net's)")
     g.add_argument("--postprocess", choices=["auto", "none"], default="auto",
                    help="auto: keep only the largest connected component of each class where that does not lower "
-                   "the Dice on (up to 8) training cases, as nnU-Net decides its post-processing")
+                   "the Dice on training cases held out of training (--postprocess-split), as nnU-Net decides it "
+                   "on its cross-validation folds; none: no post-processing, every training case is trained on")
+    g.add_argument("--postprocess-split", type=argtypes.number(float, min=0, max=1, min_open=True, max_open=True),
+                   default=0.2, metavar="F",
+                   help="with --postprocess auto: the share of the training cases (at least one, drawn with --seed) "
+                   "held out of training to choose the post-processing on")
     g.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its index.json "
                    "entry (command, time, held-out Dice/HD95; needs --val)")
     add_train_args(p, batch_size=4, max_steps=1000, checkpoint_every=250, log_every=10)
@@ -100,7 +113,54 @@ def parse(argv):
     for action in p._actions:  # --out is only needed when training (not with --make-phantoms)
         if action.dest == "out":
             action.required = False
+    p.add_check(check_model_options)
     return p.parse_args(argv)
+
+
+def check_model_options(args) -> None:
+    """Refuse bad --spacing and architecture options while parsing, before any data is read (the data adds only
+    the class count, and with --strides auto the strides, which then fit the patch by construction)."""
+    from segmentation.hbformer import HBFormerConfig
+    from segmentation.neunet import NeUNetConfig
+
+    if args.make_phantoms:
+        return
+    if args.spacing not in ("auto", "none"):
+        try:
+            spacing = [float(v) for v in args.spacing.split(",")]
+        except ValueError:
+            spacing = []
+        if len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing):
+            raise UserError(f"--spacing must be auto, none or three positive numbers x,y,z in mm, got {args.spacing!r}")
+    try:
+        if args.model == "hbformer":
+            if args.patch:
+                raise UserError("--patch is for neU-Net; HBFormer windows are --img-size squared slices")
+            heads = _ints(args.heads, "--heads", 4)
+            HBFormerConfig(in_channels=1, num_classes=2, img_size=args.img_size, feature_size=args.feature_size,
+                           embed_dim=args.embed_dim, depths=_ints(args.depths, "--depths", 4), num_heads=heads)
+            for i, h in enumerate(heads):  # Swin stage i is embed_dim * 2**i wide, split into heads
+                if args.embed_dim * 2**i % h:
+                    raise UserError(f"--embed-dim {args.embed_dim}: stage {i} ({args.embed_dim * 2**i} channels) does "
+                                    f"not split into {h} heads (--heads {args.heads})")
+        else:
+            patch = _ints(args.patch or DEFAULT_PATCH["neunet"], "--patch", 3)
+            features = _ints(args.features, "--features")
+            if args.strides != "auto":
+                strides = tuple(_ints(s, "--strides", 3) for s in args.strides.split(","))
+                NeUNetConfig(spatial_dims=3, in_channels=1, num_classes=2, features=features, strides=strides,
+                             kernel_sizes=None, wavelet_inputs=not args.no_wavelets)
+                total = np.prod(strides, axis=0)
+                if any(p % t for p, t in zip(patch, total)):
+                    raise UserError(f"--patch {args.patch or DEFAULT_PATCH['neunet']} must be divisible by the total "
+                                    f"stride {'x'.join(map(str, total))} of --strides {args.strides}")
+    except ValueError as e:
+        raise UserError(f"--model {args.model}: {e}") from None
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- phantoms
@@ -109,6 +169,7 @@ def parse(argv):
 def make_phantoms(args, argv=None) -> int:
     import nibabel as nib
 
+    from segmentation.io import save_nifti
     from vision.data.phantom import make_phantom
 
     folder, n = Path(args.make_phantoms[0]), args.make_phantoms[1]
@@ -145,9 +206,7 @@ def make_phantoms(args, argv=None) -> int:
             img.header.set_qform(affine, code=1)
             img.header.set_sform(affine, code=1)
             img.header.set_xyzt_units("mm")
-            tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-            nib.save(img, tmp)
-            tmp.replace(path)
+            save_nifti(img, path)
     labels = {"background": 0, **{f"organ_{i}": i for i in range(1, args.organs + 1)}}
     if args.lesions:
         labels["lesion"] = args.organs + 1
@@ -156,7 +215,7 @@ def make_phantoms(args, argv=None) -> int:
             f"{args.lesions} lesions of radius 1-2 voxels", "channel_names": {"0": "CT"}, "labels": labels,
             "numTraining": n, "file_ending": ".nii.gz",
             "command": "python -m apps.train_segmenter " + shlex.join(sys.argv[1:] if argv is None else argv)}
-    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(folder / "dataset.json", meta)
     print(f"wrote {n} phantoms (seeds {seeds[0]}..{seeds[-1]}) to {folder}/imagesTr and {folder}/labelsTr")
     return 0
 
@@ -256,8 +315,19 @@ def foreground_statistics(images, labels, per_case: int = 100_000):
         raise UserError(f"--data: {e}") from None
 
 
+def postprocess_split(cases: list, share: float, seed: int) -> tuple[list, list]:
+    """(cases to train on, cases held out to choose the post-processing on): round(share * n) cases, at least one,
+    drawn with `seed`; with fewer than two cases nothing is held out."""
+    if len(cases) < 2:
+        return cases, []
+    k = min(len(cases) - 1, max(1, round(share * len(cases))))
+    held = set(np.random.default_rng(seed).permutation(len(cases))[:k].tolist())
+    return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
+
+
 def choose_postprocessing(segmenter, cases, device) -> tuple[int, ...]:
-    """Foreground classes for which keeping the largest connected component does not lower the mean Dice."""
+    """Foreground classes for which keeping the largest connected component does not lower the mean Dice on
+    `cases`, which must be cases the model was not trained on and that are not used to report its score."""
     from segmentation.metrics import dice_per_class
     from segmentation.pipeline import keep_largest_component
 
@@ -310,9 +380,13 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
 
-    train, meta = load_folder(args.data, "--data")
+    cases, meta = load_folder(args.data, "--data")
     val, val_meta = load_folder(args.val, "--val") if args.val else ([], {})
-    num_classes = int(max(int(lab.array.max()) for _, _, lab in train)) + 1
+    num_classes = int(max(int(lab.array.max()) for _, _, lab in cases)) + 1
+    train, choose_on = postprocess_split(cases, args.postprocess_split, args.seed) if args.postprocess == "auto" \
+        else (cases, [])
+    if args.postprocess == "auto" and not choose_on:
+        print("note: one training case, none to hold out: no post-processing", file=sys.stderr)
     names = meta.get("class_names") or ["background"] + [f"class_{i}" for i in range(1, num_classes)]
     if len(names) < num_classes:
         raise UserError(f"--data: labels go up to {num_classes - 1} but dataset.json names {len(names)} classes")
@@ -360,7 +434,9 @@ def main(argv=None) -> int:
         dice, ce = criterion.parts(main_out.detach(), target)
         return deep(out, target), {"dice_loss": float(dice), "ce": float(ce)}
 
-    print(f"{len(train)} training cases, {segmenter.num_classes} classes ({', '.join(segmenter.config.class_names)}), "
+    held = f" ({len(choose_on)} more held out to choose the post-processing: {', '.join(n for n, _, _ in choose_on)})" \
+        if choose_on else ""
+    print(f"{len(train)} training cases{held}, {segmenter.num_classes} classes ({', '.join(segmenter.config.class_names)}), "
           f"spacing {spacing}, window {segmenter.config.window}, intensity {segmenter.config.intensity}, "
           f"{sum(p.numel() for p in segmenter.parameters()) / 1e6:.2f} M parameters", file=sys.stderr)
     start = time.perf_counter()
@@ -369,22 +445,25 @@ def main(argv=None) -> int:
     if not trainer.dist.is_main:
         return 0
     final = trainer.final_model().eval()
-    if args.postprocess == "auto":
-        final.config.largest_component = choose_postprocessing(final, train[:8], device)
+    if choose_on:
+        final.config.largest_component = choose_postprocessing(final, choose_on, device)
         named = [final.config.class_names[c] for c in final.config.largest_component]
-        print(f"post-processing: largest connected component kept for {', '.join(named) or 'no class'}")
+        print(f"post-processing (chosen on {len(choose_on)} held-out training case(s)): largest connected component "
+              f"kept for {', '.join(named) or 'no class'}")
     save_pretrained(final, Path(args.out) / "model")
     print(f"model saved to {Path(args.out) / 'model'} ({elapsed / 60:.1f} min)")
     if val:
         result = evaluate_segmenter(final, val, device, quiet=args.quiet)
         print(format_table(result))
-        (Path(args.out) / "val_metrics.json").write_text(json.dumps(result.flat_metrics(), indent=2) + "\n")
+        write_json(Path(args.out) / "val_metrics.json", result.flat_metrics())
         if args.ship:
             threads = torch.get_num_threads()
             entry = register_shipped(
                 args.ship, final.cpu(), kind="segmenter", trained_with=command,
                 data=f"{len(train)} cases from {args.data} ({meta.get('description', 'NIfTI pairs')})"
                 + (f", written by `{meta['command']}`" if meta.get("command") else "")
+                + (f", {len(choose_on)} of its cases held out of training to choose the post-processing "
+                   f"({', '.join(n for n, _, _ in choose_on)})" if choose_on else "")
                 + (f"; held-out {args.val}" + (f" written by `{val_meta['command']}`" if val_meta.get("command") else "")),
                 train_time=f"{elapsed / 60:.1f} min on {threads} CPU thread(s)" if device.type == "cpu"
                 else f"{elapsed / 60:.1f} min on {device}",
@@ -392,7 +471,10 @@ def main(argv=None) -> int:
                 metrics_protocol=f"held-out {args.val} ({len(val)} cases), segmented with the defaults of apps.segment "
                 f"(overlap {segmenter.config.overlap}, no TTA), Dice and HD95 in mm per case averaged per class "
                 "(HD95 over cases where it is finite; *_inf_cases counts the rest), detected = ground-truth connected "
-                f"components touched; rerun: python -m apps.segment --model {args.ship} {args.val}/imagesTr -o PRED && "
+                "components touched; post-processing "
+                + (f"chosen on the {len(choose_on)} held-out training cases, not on the scored ones"
+                   if choose_on else "none")
+                + f"; rerun: python -m apps.segment --model {args.ship} {args.val}/imagesTr -o PRED && "
                 f"python -m apps.evaluate seg --pred PRED --truth {args.val}/labelsTr",
             )
             print(f"shipped as {args.ship}: weights/{entry['file']}")

@@ -17,14 +17,15 @@ orientation, a lone 2-D image) raise ``ValueError`` with a one-line message.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Volume", "read_volume", "write_labels", "LPS_TO_RAS"]
+from vision.atomic import atomic_path
+
+__all__ = ["Volume", "read_volume", "write_labels", "save_nifti", "LPS_TO_RAS"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -259,7 +260,8 @@ def write_labels(path: str | os.PathLike, labels: Any, reference: Volume) -> Pat
     DICOM-derived reference gets both set to its affine with code 1 (scanner), or only the sform
     when the affine has shear (gantry tilt), which a quaternion qform cannot hold. The data type is
     uint8 (labels 0..255) or int16, scaling is off, the intent is NIFTI_INTENT_LABEL. The file is
-    written under a temporary name in the same folder and renamed, so readers never see half a file.
+    written under a temporary name in the same folder and renamed (``vision.atomic.atomic_path``), so
+    readers never see half a file, and it gets the mode ``open()`` would give it (0666 & ~umask).
     """
     import nibabel as nib
 
@@ -307,15 +309,25 @@ def write_labels(path: str | os.PathLike, labels: Any, reference: Volume) -> Pat
     hdr.set_intent("label")
     image = image_class(data, affine=None, header=hdr)
 
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return save_nifti(image, path)
+
+
+def save_nifti(image: Any, path: str | os.PathLike) -> Path:
+    """``nibabel.save`` through ``vision.atomic.atomic_path``: a temporary name in the same folder, then
+    ``os.replace``, mode 0666 & ~umask. ``path`` must end in .nii or .nii.gz (gzip follows the suffix)."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not _is_nifti(path):
+        raise ValueError(f"{path}: a NIfTI file name ends in .nii or .nii.gz")
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    with atomic_path(path) as tmp:
+        # nibabel picks the format (and gzip) from the suffix, so it writes to a sibling name with that suffix
+        named = tmp.with_name(tmp.name + suffix)
+        try:
+            nib.save(image, named)
+            os.replace(named, tmp)
+        finally:
+            named.unlink(missing_ok=True)
     return path

@@ -5,9 +5,9 @@ Gaussian blending (sigma 0.125 x window) and windows per batch, on the same synt
 (512 x 512 x 200 voxels; --quick: 160 x 160 x 64) and produce a label map: Tessera reduces
 to labels slab by slab (``output="labels"``), MONAI returns the blended logits of the whole
 volume, which are then reduced with argmax. Each runs in its own child process, so that its
-peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the
-interpreter, torch, the library's own imports and the input volume: ``baseline_rss_mb``, measured
-before inference) is its own.
+peak resident memory (``apps.benchmarks.peak_rss_mb``: the child's own high-water mark, which
+includes the interpreter, torch, the library's own imports and the input volume:
+``baseline_rss_mb``, measured before inference) is its own.
 Figures: wall time of each (inference + reduction to labels only), ``speedup_vs_monai`` (MONAI's
 time / Tessera's), peak RSS of each, the fraction of voxels whose labels agree, and
 ``max_abs_diff_vs_monai``: the largest difference of the blended logits (Tessera with
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from apps.benchmarks import benchmark
+from apps.benchmarks import benchmark, peak_rss_mb
 
 CLASSES = 14
 OVERLAP = 0.25
@@ -79,7 +78,7 @@ def child(which: str, shape, window, out: str, threads: int) -> None:
     model, x = make_model(), make_volume(shape)
     with torch.no_grad():
         model(x[None, :, :16, :16, :16])
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = peak_rss_mb()
     t0 = time.perf_counter()
     if which == "tessera":
         labels = _tessera(x, model, window)
@@ -88,7 +87,7 @@ def child(which: str, shape, window, out: str, threads: int) -> None:
         labels = logits.argmax(0).to(torch.uint8)
         del logits
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     np.save(out, labels.numpy())
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline}))
 

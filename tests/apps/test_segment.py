@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from segmentation.io import read_volume
 from segmentation.neunet import NeUNet, NeUNetConfig
 from segmentation.pipeline import Segmenter
 from tests.conftest import run_env
+from vision.cli import UserError
 from vision.hub import from_pretrained, save_pretrained
 
 ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"  # 33x41x25, LAS, 2 mm
@@ -156,15 +159,99 @@ def test_train_segmenter_on_phantoms_then_segment(tmp_path):
     run_dir = tmp_path / "run"
     proc = _run("apps.train_segmenter", "--model", "neunet", "--data", str(data), "--val", str(data), "--out",
                 str(run_dir), "--features", "4,8", "--patch", "16,16,8", "--steps", "2", "--batch-size", "2",
-                "--repeat", "1", "--quiet")
+                "--repeat", "2", "--quiet")
     assert proc.returncode == 0, proc.stderr
+    # one of the two cases is held out of training to choose the post-processing on
+    held = re.search(r"1 training cases \(1 more held out to choose the post-processing: (phantom_000[01])\)", proc.stderr)
+    assert held, proc.stderr
+    assert "post-processing (chosen on 1 held-out training case(s))" in proc.stdout
+    trained = ({"phantom_0000", "phantom_0001"} - {held.group(1)}).pop()
     seg = from_pretrained(run_dir / "model")
     c = seg.config
     assert c.class_names == ("background", "organ_1", "organ_2", "lesion") and c.spacing == (1.5, 1.5, 3.0)
     assert c.intensity == "ct" and c.window == (16, 16, 8) and seg.net.config.strides == ((1, 1, 1), (2, 2, 1))
-    # the CT statistics are those of the training foreground
-    fg = np.concatenate([read_volume(p).array[read_volume(data / "labelsTr" / f"{p.name[:12]}.nii.gz").array > 0]
-                         for p in sorted((data / "imagesTr").iterdir())]).astype(np.float64)
+    # the CT statistics are those of the foreground of the case trained on, not of the held-out one
+    fg = read_volume(data / "imagesTr" / f"{trained}_0000.nii.gz").array[
+        read_volume(data / "labelsTr" / f"{trained}.nii.gz").array > 0].astype(np.float64)
     assert c.ct_mean == pytest.approx(fg.mean()) and c.ct_upper == pytest.approx(np.percentile(fg, 99.5))
     metrics = json.loads((run_dir / "val_metrics.json").read_text())
     assert metrics["cases"] == 2 and "dice_organ_1" in metrics
+
+
+def test_folder_outputs_never_land_among_the_inputs(model, tmp_path, monkeypatch):
+    from apps import segment
+    from vision.cli import UserError
+
+    med = tmp_path / "med"
+    med.mkdir()
+    shutil.copy(ANATOMICAL, med / "anatomical.nii")
+    monkeypatch.chdir(tmp_path)
+    base = ["--model", str(model), "--quiet"]
+    for same in ("med", "med/", "med/.", str(med)):  # the input folder, however it is spelled
+        with pytest.raises(UserError, match="is the input folder"):
+            segment.main([*base, "med", "-o", same, "--overwrite"])
+    for name in ("x8.nii.gz", "single.png", "labels.nii"):  # a file name for a folder input
+        with pytest.raises(UserError, match="looks like a file name"):
+            segment.main([*base, "med", "-o", name])
+    with pytest.raises(UserError, match="is the input volume"):
+        segment.main([*base, "med/anatomical.nii", "-o", str(med / "anatomical.nii"), "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["med"] and os.listdir(med) == ["anatomical.nii"]
+    assert (med / "anatomical.nii").read_bytes() == ANATOMICAL.read_bytes()
+
+    # the default output folder is beside the input, so a rerun reads the same single volume
+    for extra in ([], ["--overwrite"]):
+        assert segment.main([*base, "med", *extra]) == 0
+        assert os.listdir(tmp_path / "med_seg") == ["anatomical.nii.gz"] and os.listdir(med) == ["anatomical.nii"]
+
+
+def test_postprocess_split_holds_out_a_fifth_of_the_training_cases():
+    from apps.train_segmenter import postprocess_split
+
+    for n in range(1, 31):
+        cases = list(range(n))
+        train, held = postprocess_split(cases, 0.2, seed=0)
+        assert len(held) == (0 if n == 1 else min(n - 1, max(1, round(0.2 * n))))
+        assert sorted(train + held) == cases and not set(train) & set(held)
+        assert train == [c for c in cases if c in train]  # order kept
+        assert postprocess_split(cases, 0.2, seed=0) == (train, held)
+    draws = {tuple(postprocess_split(list(range(20)), 0.2, seed=s)[1]) for s in range(5)}
+    assert len(draws) > 1  # the seed picks the held-out cases
+
+
+def test_postprocessing_is_chosen_on_held_out_training_cases_only(tmp_path, monkeypatch):
+    """The cases the post-processing is chosen on were neither trained on nor scored (--val)."""
+    from apps import train_segmenter
+
+    data, val = tmp_path / "data", tmp_path / "val"
+    small = ["--phantom-shape", "32,32,16", "--organs", "1", "--lesions", "0"]
+    assert train_segmenter.main(["--make-phantoms", str(data), "3", *small]) == 0
+    assert train_segmenter.main(["--make-phantoms", str(val), "1", "--first-seed", "1000", *small]) == 0
+    seen = {}
+
+    def record_choice(segmenter, cases, device):
+        seen["chosen_on"] = [name for name, _, _ in cases]
+        return (1,)
+
+    real_split = train_segmenter.postprocess_split
+
+    def record_split(cases, share, seed):
+        train, held = real_split(cases, share, seed)
+        seen["trained_on"] = [name for name, _, _ in train]
+        return train, held
+
+    monkeypatch.setattr(train_segmenter, "choose_postprocessing", record_choice)
+    monkeypatch.setattr(train_segmenter, "postprocess_split", record_split)
+    monkeypatch.setattr("vision.hub.WEIGHTS_DIR", tmp_path / "weights")  # where --ship writes
+    assert train_segmenter.main(["--data", str(data), "--val", str(val), "--out", str(tmp_path / "run"),
+                                 "--features", "4,8", "--patch", "16,16,8", "--steps", "1", "--batch-size", "1",
+                                 "--repeat", "1", "--quiet", "--ship", "tiny"]) == 0
+    assert len(seen["chosen_on"]) == 1 and len(seen["trained_on"]) == 2
+    assert sorted(seen["chosen_on"] + seen["trained_on"]) == ["phantom_0000", "phantom_0001", "phantom_0002"]
+    assert from_pretrained(tmp_path / "run" / "model").config.largest_component == (1,)
+    entry = json.loads((tmp_path / "weights" / "index.json").read_text())["tiny"]
+    assert entry["data"].startswith(f"2 cases from {data} ") and entry["config"]["largest_component"] == [1]
+    assert f"1 of its cases held out of training to choose the post-processing ({seen['chosen_on'][0]})" in entry["data"]
+    assert "post-processing chosen on the 1 held-out training cases, not on the scored ones" in entry["metrics_protocol"]
+    with pytest.raises(SystemExit) as refused:  # argparse's range check: one `error:` line, exit 2
+        train_segmenter.main(["--data", str(data), "--out", str(tmp_path / "r2"), "--postprocess-split", "1"])
+    assert refused.value.code == 2 and not (tmp_path / "r2").exists()

@@ -182,3 +182,30 @@ def test_single_dicom_image_refused(tmp_path):
 def test_volume_spacing_from_affine():
     vol = Volume(array=np.zeros((2, 2, 2)), affine=np.diag([-0.7, 0.7, 3.0, 1.0]))
     assert vol.spacing == pytest.approx((0.7, 0.7, 3.0))
+
+
+def test_save_nifti_is_atomic_and_follows_the_suffix(tmp_path, monkeypatch):
+    from segmentation.io import save_nifti
+
+    image = nib.Nifti1Image(np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.diag([2.0, 2.0, 3.0, 1.0]))
+    for name, gzipped in (("a.nii.gz", True), ("b.nii", False)):
+        save_nifti(image, tmp_path / name)
+        assert ((tmp_path / name).read_bytes()[:2] == b"\x1f\x8b") == gzipped
+        back = nib.load(str(tmp_path / name))
+        assert np.array_equal(np.asarray(back.dataobj), image.get_fdata().astype(np.uint8))
+        assert np.array_equal(back.affine, image.affine)
+    with pytest.raises(ValueError, match=".nii or .nii.gz"):
+        save_nifti(image, tmp_path / "c.img")
+
+    # a write that fails halfway keeps the old file and leaves no temporary file behind
+    before = (tmp_path / "a.nii.gz").read_bytes()
+
+    def torn(img, filename):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        save_nifti(image, tmp_path / "a.nii.gz")
+    assert (tmp_path / "a.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "b.nii"]
