@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from vision import argtypes
+from vision.atomic import atomic_path
 from vision.errors import ConfigError, TrainingDiverged, UserError
 from vision.nn import convert_sync_batchnorm
 from vision.progress import progress
@@ -289,7 +290,8 @@ class Trainer:
         if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the checkpoint
             lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            with atomic_path(self.metrics_path) as tmp:  # a kill while trimming must not lose the log
+                tmp.write_text("".join(ln + "\n" for ln in kept))
 
     # ------------------------------------------------------------------ loop
 
@@ -436,10 +438,9 @@ def plot_metrics(jsonl: Path, png: Path) -> Path | None:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(png)
     return png
 
 
