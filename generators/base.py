@@ -86,6 +86,8 @@ class GeneratorModel(nn.Module):
     kind: ClassVar[str] = "generator"
     sampling_defaults: ClassVar[dict[str, Any]] = {"cfg": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
     samplers: ClassVar[dict[str, Sampler]] = {}
+    # A trained model may carry its own defaults in `config.sampling` (e.g. the CFG scale it was measured with);
+    # they take precedence over the family's `sampling_defaults`.
     # AdamW settings apps.train_generator uses unless told otherwise (LlamaGen's: constant 1e-4, wd 0.05)
     training_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "weight_decay": 0.05, "betas": (0.9, 0.95),
                                                    "warmup_steps": 0, "grad_clip": 1.0}
@@ -129,11 +131,12 @@ class GeneratorModel(nn.Module):
         if unknown:
             raise ValueError(f"sampler {sampler!r} takes no option {unknown[0]!r}; it takes "
                              f"{', '.join(sorted(options))}")
+        defaults = {**self.sampling_defaults, **(getattr(self.config, "sampling", None) or {})}
         out = {}
         for name, opt in options.items():
             value = given.get(name)
             if value is None:
-                value = self.sampling_defaults.get(name, opt.default)
+                value = defaults.get(name, opt.default)
             out[name] = opt.check(value)
         return out
 

@@ -1,0 +1,1 @@
+"""Autoregressive image generation: LlamaGen GPT, its plain sampler and speculative Jacobi decoding."""
