@@ -253,8 +253,28 @@ def check_state_dict(expected: dict, given: dict, source: str) -> None:
         raise HubError(f"{source}: {len(missing)} missing keys, first {missing[0]!r}")
 
 
+def released_checkpoint_globals() -> list:
+    """The plain-data types released checkpoints are known to pickle beside their tensors, and nothing else:
+    numpy scalars and dtypes (nnU-Net's `checkpoint_final.pth` logs them), under their numpy 1.x names
+    (`numpy.core...`) and 2.x names (`numpy._core...`), and `argparse.Namespace` (MAR's and LlamaGen's
+    training arguments). None of them runs code when unpickled."""
+    import argparse
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    allowed: list = [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),
+                     (scalar, "numpy._core.multiarray.scalar")]
+    dtype_classes = getattr(np, "dtypes", None)  # numpy >= 1.25: one class per dtype (Float64DType, ...)
+    if dtype_classes is not None:
+        allowed += [getattr(dtype_classes, n) for n in dir(dtype_classes) if n.endswith("DType")]
+    return allowed
+
+
 def load_official_state_dict(path: str | os.PathLike) -> Any:
-    """Read an official .pth/.pt/.ckpt with torch.load(weights_only=True): tensors and containers only.
+    """Read an official .pth/.pt/.ckpt with torch.load(weights_only=True): tensors, containers and the plain
+    data types of `released_checkpoint_globals` only.
 
     A file that needs anything else to unpickle (a class, a function: code that would run) is
     refused with HubError; nothing from it is executed.
@@ -263,7 +283,8 @@ def load_official_state_dict(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise HubError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(released_checkpoint_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubError(f"{path}: refusing to unpickle objects that are not tensors or plain containers ({first})") from None
