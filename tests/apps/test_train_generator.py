@@ -113,8 +113,9 @@ def test_bad_input(tokens, tmp_path):
     }
     for (flag, value), message in cases.items():
         args = ["--model", "tiny-test", "--tokens", tokens, "--out", tmp_path / "x", "--steps", 2, "--quiet"]
-        args[args.index(flag) + 1] = value if flag in args else None
-        if flag not in args:
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
             args += [flag, value]
         proc = app("train_generator", *args, check=False)
         lines = proc.stderr.strip().splitlines()
