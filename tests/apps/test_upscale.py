@@ -138,3 +138,108 @@ def test_unreadable_inputs_one_line_exit_2_no_traceback(tmp_path, model_dir):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.png", "notes.txt"]
+
+
+def test_several_inputs_give_the_files_of_one_at_a_time_runs_with_one_model_load(tmp_path, capsys, model_dir,
+                                                                                   monkeypatch):
+    import apps.upscale as app
+
+    (tmp_path / "in").mkdir()
+    photo(tmp_path / "a.png", size=(13, 7))
+    photo(tmp_path / "b.jpg", size=(9, 11))
+    photo(tmp_path / "in" / "c.png", size=(6, 5), mode="RGBA")
+    photo(tmp_path / "in" / "d.tiff", size=(8, 8), mode="L")
+    inputs = [tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "in"]
+    (tmp_path / "single").mkdir()
+    for src in [tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "in" / "c.png", tmp_path / "in" / "d.tiff"]:
+        out = tmp_path / "single" / f"{src.stem}_x2.7.png"
+        assert upscale(capsys, src, "--scale", 2.7, "--model", model_dir, "-o", out, "--quiet")[0] == 0
+
+    loads = []
+    real_load = app.load_upscaler
+    monkeypatch.setattr(app, "load_upscaler", lambda *a: loads.append(a) or real_load(*a))
+    code, err = upscale(capsys, *inputs, "--scale", 2.7, "--model", model_dir, "-o", tmp_path / "multi", "--tile", 3)
+    assert code == 0, err
+    assert len(loads) == 1
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "multi").iterdir()) == [
+        "a_x2.7.png", "b_x2.7.png", "c_x2.7.png", "d_x2.7.png"]
+    for name in names:
+        one, many = Image.open(tmp_path / "single" / name), Image.open(tmp_path / "multi" / name)
+        assert one.mode == many.mode and np.array_equal(np.asarray(one), np.asarray(many))
+
+
+def test_folder_outputs_never_land_among_its_inputs(tmp_path, capsys, model_dir):
+    (tmp_path / "photos").mkdir()
+    for name in ("a.png", "b.jpg"):
+        photo(tmp_path / "photos" / name)
+    before = sorted(p.name for p in (tmp_path / "photos").iterdir())
+    # default: a sibling folder named after the scale
+    assert upscale(capsys, tmp_path / "photos", "--scale", 2, "--model", model_dir, "--quiet")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == before
+    assert sorted(p.name for p in (tmp_path / "photos_x2").iterdir()) == ["a_x2.png", "b_x2.png"]
+    # a second run reads the same two inputs (and refuses to clobber without --overwrite)
+    code, err = upscale(capsys, tmp_path / "photos", "--scale", 2, "--model", model_dir, "--quiet")
+    assert code == 2 and "--overwrite" in err
+    # outputs that would land in an input folder are refused: -o that folder, or a file beside it
+    for argv in ([tmp_path / "photos", "-o", tmp_path / "photos"],
+                 [tmp_path / "photos", tmp_path / "photos" / "a.png"]):
+        code, err = upscale(capsys, *argv, "--scale", 3, "--model", model_dir, "--quiet")
+        assert code == 2 and "input folder" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "photos_x2"]
+
+
+@pytest.mark.parametrize("case", ["several-to-image-name", "folder-to-image-name", "several-to-a-file",
+                                  "same-output-twice"])
+def test_several_inputs_need_an_output_folder(tmp_path, capsys, model_dir, case):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        photo(tmp_path / folder / "p.png")
+    (tmp_path / "notes.txt").write_text("a file")
+    argv, message = {
+        "several-to-image-name": ([tmp_path / "x" / "p.png", tmp_path / "y" / "p.png", "-o", tmp_path / "o.png"],
+                                  "looks like an image file"),
+        "folder-to-image-name": ([tmp_path / "x", "-o", tmp_path / "big.webp"], "looks like an image file"),
+        "several-to-a-file": ([tmp_path / "x" / "p.png", tmp_path / "y", "-o", tmp_path / "notes.txt"], "is a file"),
+        "same-output-twice": ([tmp_path / "x" / "p.png", tmp_path / "y" / "p.png", "-o", tmp_path / "out"],
+                              "would both be written"),
+    }[case]
+    code, err = upscale(capsys, *argv, "--scale", 2, "--model", model_dir)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "p.png", "p.png", "x", "y"]
+
+
+def test_half_runs_where_the_cpu_has_native_bfloat16_and_refuses_elsewhere(tmp_path, capsys, model_dir, monkeypatch):
+    import apps.upscale as app
+
+    src = photo(tmp_path / "p.png", size=(16, 12))
+    monkeypatch.setattr(app, "cpu_has_native_bf16", lambda: False)
+    code, err = upscale(capsys, src, "--scale", 3, "--model", model_dir, "--half", "--device", "cpu")
+    assert code == 2 and "--half" in err and "bfloat16" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+
+    monkeypatch.setattr(app, "cpu_has_native_bf16", lambda: True)
+    for name, extra in (("full.png", []), ("half.png", ["--half"])):
+        code, err = upscale(capsys, src, "--scale", 3, "--model", model_dir, "-o", tmp_path / name, "--quiet", *extra)
+        assert code == 0, err
+    full = np.asarray(Image.open(tmp_path / "full.png")).astype(int)
+    half = np.asarray(Image.open(tmp_path / "half.png")).astype(int)
+    assert np.abs(full - half).max() <= 1
+
+
+def test_cuda_tiles_are_sized_from_free_gpu_memory(model_dir, monkeypatch):
+    """No GPU needed: torch.cuda.mem_get_info is replaced by fixed numbers."""
+    from apps.upscale import Upscaler
+    from vision.hub import from_pretrained
+
+    model = from_pretrained(model_dir)
+    cuda = torch.device("cuda")
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (3 * 2**20, 8 * 2**20))
+    tile, chunk = Upscaler(model, cuda, None, None, None).tile_and_chunk((700, 900), (1400, 1800))
+    assert (tile, chunk) == model.render_plan(3 * 2**20, (700, 900), (1400, 1800)) and asked == [cuda]
+    assert 16 <= tile < 900
+    assert Upscaler(model, cuda, None, 64, None).tile_and_chunk((700, 900), (1400, 1800)) == (64, chunk)
+    on_cpu = Upscaler(model, torch.device("cpu"), None, None, None)
+    assert on_cpu.tile_and_chunk((700, 900), (1400, 1800)) == (256, None)

@@ -250,3 +250,122 @@ def test_bicubic_skip_starts_at_bicubic_and_is_a_residual():
         assert (trained_path - out).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="skip"):
         LIIF(LIIFConfig(**SMALL_EDSR, skip="bilinear"))
+
+
+# ---------------------------------------------------------------- the grid rendering path (query_grid)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SMALL_EDSR,
+        SMALL_RDN,
+        {**SMALL_EDSR, "feat_unfold": False},
+        {**SMALL_EDSR, "local_ensemble": False},
+        {**SMALL_EDSR, "cell_decode": False},
+        {**SMALL_EDSR, "hidden_list": []},
+        {**SMALL_EDSR, "hidden_list": [24, 40, 16]},
+    ],
+    ids=["edsr", "rdn", "no-unfold", "no-ensemble", "no-cell", "one-linear", "uneven-widths"],
+)
+def test_grid_render_equals_official_query_per_pixel(config):
+    """decode's separable grid path, for two different images in one batch, any tile and chunk,
+    gives the official per-pixel query's values (up-, down- and mixed scales)."""
+    model = random_liif(seed=1, **config)
+    x = torch.randn(2, 3, 13, 17)
+    with torch.no_grad():
+        for size in [(48, 63), (9, 30), (13, 17)]:
+            reference = full_query(model, x, size, reference=True)
+            assert reference.abs().mean() > 0.1 and (reference[0] - reference[1]).abs().mean() > 0.1
+            for tile, chunk in [(None, None), (5, 7), (6, 100_000)]:
+                assert (model.decode(x, size, tile=tile, chunk=chunk) - reference).abs().max() <= 1e-5
+
+
+def test_query_grid_refuses_a_window_without_the_needed_latents():
+    model = random_liif(**SMALL_EDSR)
+    z = model.project(model.encode(torch.randn(1, 3, 10, 10)))
+    rows = cols = torch.linspace(-0.9, 0.9, 7)
+    with torch.no_grad():
+        model.query_grid(z, rows, cols, (10, 10), (7, 7))
+        with pytest.raises(RuntimeError, match="outside the given window"):
+            model.query_grid(z[:, 2:], rows, cols, (10, 10), (7, 7), offset=(2, 0))
+
+
+def test_decode_under_autograd_takes_the_differentiable_path():
+    model = random_liif(**{**SMALL_EDSR, "skip": "bicubic"})
+    x = torch.randn(1, 3, 9, 8, requires_grad=True)
+    with torch.no_grad():
+        inference = model.decode(x, (20, 17), tile=4)
+    out = model.decode(x, (20, 17), tile=4)
+    assert out.requires_grad and (out - inference).abs().max() <= 1e-5
+    out.square().mean().backward()
+    assert x.grad.abs().max() > 0 and model.imnet.layers[0].weight.grad.abs().max() > 0
+
+
+def test_half_precision_mlp_stays_within_one_grey_level_on_a_photo():
+    """The shipped model with a bfloat16 MLP (apps.upscale --half) against float32, in 8-bit levels."""
+    from vision.data.images import read_image
+    from vision.data.samples import sample_photo
+
+    model = from_pretrained("liif-lite")
+    photo = read_image(sample_photo("chelsea"))[None, :, 100:164, 150:214]
+    size = (237, 237)  # x3.7
+    full = model.upscale(photo, size)
+    half = model.upscale(photo, size, dtype=torch.bfloat16)
+    levels = lambda image: ((image + 1) * 127.5).round()  # noqa: E731
+    changed = levels(full) != levels(half)
+    assert (levels(full) - levels(half)).abs().max() <= 1
+    assert 0 < changed.float().mean() < 0.1  # bfloat16 did run (some pixels moved), and moved few
+    with pytest.raises(ValueError, match="dtype"):
+        model.upscale(photo, size, dtype=torch.int8)
+
+
+# ---------------------------------------------------------------- tile sizing from free memory (the GPU path)
+
+
+def test_plan_tiles_fills_but_never_exceeds_the_budget():
+    from vision.decoders.liif import GRID_CHUNK, plan_tiles
+
+    sizing = dict(encoder_bytes=520.0, output_bytes=96 * 13.69, margin=21, query_bytes=2 * 4 * 64 * 4.0, max_side=8000)
+    previous = 0
+    for free in (2**28, 2**30, 2**32, 2**34):
+        tile, chunk = plan_tiles(free, **sizing)
+        used = ((tile + 42) ** 2 * sizing["encoder_bytes"] + tile**2 * sizing["output_bytes"]
+                + chunk * sizing["query_bytes"])
+        assert used <= 0.5 * free  # within the budget
+        bigger = (tile + 43) ** 2 * sizing["encoder_bytes"] + (tile + 1) ** 2 * sizing["output_bytes"]
+        assert tile == sizing["max_side"] or bigger + chunk * sizing["query_bytes"] > 0.5 * free  # and the largest
+        assert tile >= previous and chunk * sizing["query_bytes"] <= free / 8
+        previous = tile
+    assert plan_tiles(2**40, **{**sizing, "max_side": 300})[0] == 300  # never past the image
+    assert plan_tiles(0, **sizing) == (16, GRID_CHUNK)  # nothing free: the smallest tile, the CPU chunk
+
+
+def test_render_plan_counts_the_images_and_the_model():
+    model = from_pretrained("liif-lite")
+    free = 4 * 2**30
+    tile, chunk = model.render_plan(free, (512, 512), (1894, 1894))
+    assert tile == 512  # 4 GiB holds a 512x512 input whole
+    small_tile, small_chunk = model.render_plan(free, (4000, 4000), (14800, 14800))  # the output alone: 2.4 GiB
+    assert 16 <= small_tile < 4000 and small_chunk < chunk  # tiled, and less room left for the MLP
+    half_tile, half_chunk = model.render_plan(free, (4000, 4000), (14800, 14800), dtype=torch.bfloat16)
+    assert half_tile >= small_tile and half_chunk > small_chunk  # 2-byte MLP values: more queries fit
+
+
+def test_separable_bicubic_skip_equals_grid_sample_and_is_the_same_in_every_crop():
+    from vision.decoders.liif import make_coord_1d
+
+    model = LIIF(LIIFConfig(**SMALL_EDSR, skip="bicubic"))
+    x = torch.rand(2, 3, 37, 29) * 2 - 1
+    for size in [(137, 107), (20, 50), (5, 3)]:
+        rows, cols = make_coord_1d(size[0]), make_coord_1d(size[1])
+        coord = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).view(1, -1, 2).expand(2, -1, -1)
+        per_pixel = model.skip_rgb(x, coord).view(2, *size, 3)
+        full = model.skip_grid(x, rows, cols, (0, 0, 37, 29))
+        assert (full - per_pixel).abs().max() <= 1e-6
+        # a crop holding every tap (2 pixels beyond the queried centres) gives the full image's numbers exactly
+        r0, r1, c0, c1 = 5, 30, 3, 20
+        keep_r = (rows > -1 + 2 * (r0 + 2) / 37) & (rows < -1 + 2 * (r1 - 2) / 37)
+        keep_c = (cols > -1 + 2 * (c0 + 2) / 29) & (cols < -1 + 2 * (c1 - 2) / 29)
+        crop = model.skip_grid(x[:, :, r0:r1, c0:c1], rows[keep_r], cols[keep_c], (r0, c0, 37, 29))
+        assert torch.equal(crop, full[:, keep_r][:, :, keep_c])

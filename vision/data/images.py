@@ -100,8 +100,12 @@ def to_pil(image: torch.Tensor, alpha: torch.Tensor | None = None, mode: str | N
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike, alpha: torch.Tensor | None = None,
-               icc_profile: bytes | None = None, mode: str | None = None, format: str | None = None) -> None:
-    """Write (3, H, W) in [-1, 1] to `path` (format from the suffix unless given)."""
+               icc_profile: bytes | None = None, mode: str | None = None, format: str | None = None,
+               png_compression: int | None = None) -> None:
+    """Write (3, H, W) in [-1, 1] to `path` (format from the suffix unless given).
+
+    `png_compression` is the PNG zlib level 0-9 (None: Pillow's 6); the pixels do not depend on it.
+    """
     im = to_pil(image, alpha, mode)
     fmt = format or format_for_path(path)
     kwargs = {}
@@ -113,6 +117,8 @@ def save_image(image: torch.Tensor, path: str | os.PathLike, alpha: torch.Tensor
         kwargs["quality"] = 95
     if fmt == "WEBP":
         kwargs.update(lossless=True)
+    if fmt == "PNG" and png_compression is not None:
+        kwargs["compress_level"] = png_compression
     im.save(path, format=fmt, **kwargs)
 
 

@@ -68,6 +68,16 @@ class RDN(nn.Module):
         c = self.config
         return (c.kernel_size // 2) * (3 + c.num_blocks * c.num_layers)
 
+    @property
+    def peak_channels(self) -> int:
+        """Channels per input pixel alive at once in an inference forward (memory planning): inside a
+        dense block the two latest concatenations, the block outputs kept for fusion; at fusion their
+        concatenation too."""
+        c = self.config
+        in_blocks = 2 * c.G0 + c.num_blocks * c.G0 + 2 * (c.G0 + c.num_layers * c.growth)
+        at_fusion = 2 * c.num_blocks * c.G0 + 2 * c.G0
+        return max(in_blocks, at_fusion) + 3
+
     def forward(self, x: Tensor) -> Tensor:
         shallow = self.SFENet1(x)
         x = self.SFENet2(shallow)
