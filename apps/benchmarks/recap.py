@@ -1,0 +1,86 @@
+"""ReCAP against MaskGIT's plain decoding on the shipped `maskgit-mnist`, at the same number of steps.
+
+Both samplers run on the same labels and seeds (`apps.benchmarks.sampler_harness`): wall time is the
+median over repetitions alternating between them, quality is the Fréchet distance in the MNIST
+classifier's features and the class accuracy of 100 samples per digit (20 with --quick).
+
+- `speedup`: plain's wall time over ReCAP's (the headline setting below);
+- `flop_ratio`: plain's FLOPs over ReCAP's, counted by `torch.utils.flop_counter` over one batch
+  (attention through PyTorch's math kernel, so its matrix products are counted too);
+- `fd_plain`, `fd_recap`, `accuracy_plain`, `accuracy_recap`, and `fd_noise`: the spread of plain's
+  FD over three other seeds, which says how much of a difference is sampling noise;
+- the trade-off table `s{steps}_c{num_cache_iters}_{speedup,flop_ratio,fd,accuracy}`: ReCAP with that
+  many cheap steps per full step, against plain at the same steps (c0 is plain itself).
+
+The MAR figures (`mar_speedup`, `mar_fd_plain`, `mar_fd_recap`) wait for the MAR family.
+"""
+from __future__ import annotations
+
+import torch
+
+from apps.benchmarks import benchmark
+
+STEPS = 16  # MaskGIT's class-conditional default
+HEADLINE = {"num_cache_iters": 3, "pre_full_iters": 0}
+TABLE_STEPS = (8, 16)
+TABLE_CACHE = (1, 2, 3)
+
+
+def counted_flops(model, labels: torch.Tensor, sampler: str, options: dict) -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        model.generate(labels, sampler=sampler, generator=torch.Generator().manual_seed(0), **options)
+    return counter.get_total_flops()
+
+
+def measure(model, tokenizer, quick: bool) -> dict[str, float]:
+    from apps.benchmarks.sampler_harness import SamplerRun, compare_samplers, time_samplers
+
+    per_class, repeats = (20, 3) if quick else (100, 5)
+    timing_labels = torch.arange(10).repeat(2 if quick else 5)
+    plain = SamplerRun("plain", "plain", {"steps": STEPS})
+    recap = SamplerRun("recap", "recap", {"steps": STEPS, **HEADLINE})
+    f = compare_samplers(model, tokenizer, [plain, recap], timing_labels=timing_labels, repeats=repeats,
+                         per_class=per_class, noise_seeds=3)
+    figures = {
+        "steps": STEPS, "num_cache_iters": HEADLINE["num_cache_iters"], "pre_full_iters": HEADLINE["pre_full_iters"],
+        "speedup": f["plain_wall_s"] / f["recap_wall_s"],
+        "flop_ratio": counted_flops(model, timing_labels, "plain", plain.options)
+        / counted_flops(model, timing_labels, "recap", recap.options),
+        "fd_plain": f["plain_fd"], "fd_recap": f["recap_fd"], "fd_noise": f["plain_fd_noise"],
+        "accuracy_plain": f["plain_accuracy"], "accuracy_recap": f["recap_accuracy"],
+        "plain_wall_s": f["plain_wall_s"], "recap_wall_s": f["recap_wall_s"],
+    }
+    known = {("plain", STEPS, 0): (f["plain_fd"], f["plain_accuracy"]),
+             ("recap", STEPS, HEADLINE["num_cache_iters"]): (f["recap_fd"], f["recap_accuracy"])}
+    for steps in TABLE_STEPS:
+        runs = [SamplerRun("plain", "plain", {"steps": steps})]
+        runs += [SamplerRun(f"c{c}", "recap", {"steps": steps, "num_cache_iters": c, "pre_full_iters": 0})
+                 for c in TABLE_CACHE]
+        walls = time_samplers(model, runs, timing_labels, repeats=repeats)
+        plain_flops = counted_flops(model, timing_labels, "plain", runs[0].options)
+        for run in runs:
+            cache = run.options.get("num_cache_iters", 0)
+            key = f"s{steps}_c{cache}"
+            fd, accuracy = known.get((run.sampler, steps, cache)) or _quality(model, tokenizer, run, per_class)
+            figures[f"{key}_speedup"] = walls["plain"]["wall_s"] / walls[run.name]["wall_s"]
+            figures[f"{key}_flop_ratio"] = plain_flops / counted_flops(model, timing_labels, run.sampler, run.options)
+            figures[f"{key}_fd"], figures[f"{key}_accuracy"] = fd, accuracy
+    return figures
+
+
+def _quality(model, tokenizer, run, per_class: int) -> tuple[float, float]:
+    from apps.benchmarks.sampler_harness import digit_quality
+
+    q = digit_quality(model, tokenizer, run, per_class=per_class)
+    return q["fd"], q["accuracy"]
+
+
+@benchmark("recap", "ReCAP vs MaskGIT's plain decoding on maskgit-mnist: wall time, counted FLOPs, FD, accuracy")
+def run(quick: bool) -> dict[str, float]:
+    from generators.pipeline import GenerationPipeline
+
+    pipe = GenerationPipeline.load("maskgit-mnist")
+    return measure(pipe.generator, pipe.tokenizer, quick)

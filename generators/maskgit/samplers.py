@@ -1,0 +1,89 @@
+"""MaskGIT's samplers: `plain`, google-research/maskgit's `libml/parallel_decode.py` `decode`, and `recap`.
+
+plain, step t of T (0-based), every masked position:
+  1. logits of the current grid (guided `uncond + (cond - uncond) * cfg` when cfg != 1, the batch
+     running as [cond; null class]), then temperature, top-k, top-p (`generators.sampling.probabilities`;
+     at the defaults this is MaskGIT's softmax of the logits);
+  2. one categorical draw at every position, kept only where the token is masked;
+  3. confidence = log p(sampled) + choice_temperature (1 - (t + 1) / T) Gumbel, +inf where known
+     (`maskgit_confidence`);
+  4. mask_len = floor(N cos(pi/2 (t + 1) / T)) clamped to [1, unknown - 1] (`maskgit_mask_len`), and
+     the mask_len least confident tokens are masked again (`mask_lowest_confidence`); the last step
+     keeps every sample.
+
+Defaults: 16 steps (the number of iterations of MaskGIT's class-conditional ImageNet generator,
+`inference.py`; `decode` itself defaults to 12 and the paper uses 8 at 256 px) and choice
+temperature 4.5 (MaskGIT's class-conditional config). ReCAP's own runs of the U-ViT checkpoint use
+choice temperature 5.5 and a sampling temperature of 0.65-0.75.
+
+recap: `generators.recap.sample_tokens` on this model; with --num-cache-iters 0 it is plain, draw for
+draw (as long as no two confidences tie, which Gumbel noise makes a probability-0 event).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from generators.base import SamplerOption, register_sampler
+from generators.maskgit.model import MaskGIT
+from generators.recap import RECAP_OPTIONS, sample_tokens
+from generators.sampling import (cfg_llamagen, mask_lowest_confidence, maskgit_confidence, maskgit_mask_len,
+                                 probabilities, sample_categorical)
+from vision.tokens import GenerationStats, Tokens
+
+MASKGIT_OPTIONS = (
+    SamplerOption("steps", int, 16, "decoding steps (MaskGIT's class-conditional generator uses 16)", min=1),
+    SamplerOption("choice_temperature", float, 4.5, "Gumbel noise on the confidence, annealed linearly to 0",
+                  min=0.0),
+)
+
+
+def guided_probabilities(logits: Tensor, *, cfg: float, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """The processed distribution of the sampled rows: logits of [cond; uncond] guided when cfg != 1."""
+    if cfg != 1.0:
+        cond, uncond = logits.chunk(2, dim=0)
+        logits = cfg_llamagen(cond, uncond, cfg)
+    return probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@register_sampler(MaskGIT, "plain", options=MASKGIT_OPTIONS,
+                  help="MaskGIT's parallel decoding: sample every masked token, re-mask the least confident")
+def sample_plain(model: MaskGIT, labels: Tensor | None, *, generator: torch.Generator, stats: GenerationStats,
+                 batch_size: int, cfg: float, temperature: float, top_k: int, top_p: float, steps: int,
+                 choice_temperature: float) -> Tokens:
+    guided = cfg != 1.0
+    cond = model.condition_labels(labels, batch_size, guided)
+    N = model.seq_len
+    ids = torch.full((batch_size, N), model.mask_id, dtype=torch.long, device=cond.device)
+    for step in range(steps):
+        logits = model(ids.repeat(2 if guided else 1, 1), cond)
+        stats.nfe += 1
+        p = guided_probabilities(logits, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p)
+        unknown = ids == model.mask_id
+        sampled = torch.where(unknown, sample_categorical(p, generator)[..., 0], ids)
+        log_p = torch.log(p.gather(-1, sampled[..., None])[..., 0])
+        confidence = maskgit_confidence(log_p, ~unknown, choice_temperature=choice_temperature, step=step,
+                                        num_steps=steps, generator=generator)
+        if step == steps - 1:  # MaskGIT returns the last step's samples
+            ids = sampled
+            break
+        mask_len = maskgit_mask_len(N, unknown.sum(-1), step, steps)
+        ids = torch.where(mask_lowest_confidence(confidence, mask_len), model.mask_id, sampled)
+    return Tokens(model.spec, ids=ids.view(batch_size, *model.spec.grid))
+
+
+@register_sampler(MaskGIT, "recap", options=MASKGIT_OPTIONS + RECAP_OPTIONS,
+                  help="ReCAP: full steps cache every layer's keys/values, cheap steps recompute only the "
+                       "positions being decoded")
+def sample_recap(model: MaskGIT, labels: Tensor | None, *, generator: torch.Generator, stats: GenerationStats,
+                 batch_size: int, cfg: float, temperature: float, top_k: int, top_p: float, steps: int,
+                 choice_temperature: float, num_cache_iters: int, pre_full_iters: int, group_order: str) -> Tokens:
+    cond = model.condition_labels(labels, batch_size, cfg != 1.0)
+
+    def probs(logits: Tensor) -> Tensor:
+        return guided_probabilities(logits, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    ids = sample_tokens(model, cond, batch_size=batch_size, steps=steps, choice_temperature=choice_temperature,
+                        num_cache_iters=num_cache_iters, pre_full_iters=pre_full_iters, probs=probs,
+                        generator=generator, stats=stats, group_order=group_order)
+    return Tokens(model.spec, ids=ids.view(batch_size, *model.spec.grid))

@@ -1,0 +1,174 @@
+"""ReCAP on MaskGIT: a cheap step from a cache of the same state is a full step; with no cheap steps
+ReCAP is the plain sampler draw for draw; the group schedule is the official one."""
+import pytest
+import torch
+
+import generators.maskgit.samplers  # noqa: F401  (registers the samplers)
+from generators.maskgit.model import MaskGIT, MaskGITConfig
+from generators.recap import check_recap_options, group_sizes, unmask_counts
+from generators.sampling import gumbel_noise
+
+VOCAB = 64
+
+
+def tiny(seed: int = 0, **extra) -> MaskGIT:
+    torch.manual_seed(seed)
+    config = dict(num_classes=4, vocab_size=VOCAB, grid=(6, 6), downsample=4, dim=48, depth=4, heads=4)
+    model = MaskGIT(MaskGITConfig(**{**config, **extra})).eval()
+    with torch.no_grad():  # sharper than the init's near-uniform logits, so sampling choices matter
+        model.head.fc.weight.mul_(20)
+    return model
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cheap_step_from_same_state_equals_full_step(skip, batch):
+    model = tiny(skip=skip)
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, VOCAB, (batch, 36), generator=g)
+    ids[torch.rand(batch, 36, generator=g) < 0.5] = model.mask_id
+    labels = torch.arange(batch) % 5  # includes the null class 4
+    caches = model.new_caches()
+    with torch.no_grad():
+        full = model.forward_full(ids, labels, caches)
+        positions = torch.stack([torch.randperm(36, generator=g)[:7] for _ in range(batch)])
+        cheap = model.forward_cheap(positions, ids.gather(1, positions), labels, caches)
+        again = model.forward_full(ids, labels, model.new_caches())
+    expected = full.gather(1, positions[..., None].expand(-1, -1, VOCAB))
+    assert (cheap - expected).abs().max() <= 1e-5
+    assert torch.equal(full, again)  # the cheap step wrote nothing into the caches' state of record
+
+
+def test_cheap_step_sees_the_group_tokens_and_stale_context():
+    """The cheap step's own tokens are fresh (changing one changes its logits), the rest come from the cache."""
+    model = tiny()
+    ids = torch.full((1, 36), model.mask_id)
+    caches = model.new_caches()
+    with torch.no_grad():
+        model.forward_full(ids, torch.tensor([1]), caches)
+        positions = torch.tensor([[3, 10]])
+        masked = model.forward_cheap(positions, torch.tensor([[model.mask_id] * 2]), torch.tensor([1]), caches)
+        filled = model.forward_cheap(positions, torch.tensor([[5, model.mask_id]]), torch.tensor([1]), caches)
+        new = ids.clone()
+        new[0, 3] = 5
+        full = model(new, torch.tensor([1]))
+    assert (filled - masked).abs().max() > 1e-3
+    # position 10 sees token 5 at position 3 fresh, but the other positions' keys/values are stale: not a full step
+    assert (filled[0, 1] - full[0, 10]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("options, pre", [
+    (dict(steps=8), 0),
+    (dict(steps=12, cfg=3.0, temperature=0.8, top_k=20), 0),
+    (dict(steps=5, choice_temperature=0.7, top_p=0.9), 3),
+])
+def test_zero_cheap_steps_is_plain_token_for_token(options, pre):
+    model = tiny()
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    plain, ps = model.generate(labels, sampler="plain", generator=torch.Generator().manual_seed(3), **options)
+    recap, rs = model.generate(labels, sampler="recap", generator=torch.Generator().manual_seed(3),
+                               num_cache_iters=0, pre_full_iters=pre, **options)
+    assert torch.equal(plain.ids, recap.ids)
+    assert ps.nfe == rs.nfe == options["steps"]
+
+
+def test_pre_full_iters_covering_every_step_is_plain():
+    model = tiny()
+    labels = torch.tensor([2, 0])
+    plain, _ = model.generate(labels, sampler="plain", generator=torch.Generator().manual_seed(1), steps=6)
+    recap, _ = model.generate(labels, sampler="recap", generator=torch.Generator().manual_seed(1), steps=6,
+                              num_cache_iters=3, pre_full_iters=6)
+    assert torch.equal(plain.ids, recap.ids)
+
+
+def test_cached_groups_run_cheap_passes_on_the_group_only():
+    model = tiny()
+    calls = []
+    full, cheap = model.forward_full, model.forward_cheap
+    model.forward_full = lambda ids, labels, caches: calls.append(("full", ids.shape[1])) or full(ids, labels, caches)
+    model.forward_cheap = lambda pos, ids, labels, caches: (calls.append(("cheap", pos.shape[1]))
+                                                            or cheap(pos, ids, labels, caches))
+    tokens, stats = model.generate(torch.tensor([0, 1, 2]), sampler="recap", steps=8, num_cache_iters=2,
+                                   pre_full_iters=2, cfg=2.0)
+    counts = unmask_counts(36, 8)
+    # groups [1, 1, 3, 3]: a cheap pass holds every position of its group
+    assert calls == [("full", 36), ("full", 36), ("full", 36), ("cheap", sum(counts[2:5])), ("cheap", sum(counts[2:5])),
+                     ("full", 36), ("cheap", sum(counts[5:8])), ("cheap", sum(counts[5:8]))]
+    assert stats.nfe == 8
+    assert int(tokens.ids.max()) < VOCAB  # nothing left masked
+
+
+def test_cheap_steps_change_the_samples():
+    """With cheap steps the later decisions see a stale context, so the samples differ from plain's."""
+    model = tiny()
+    labels = torch.tensor([0, 1, 2, 3])
+    plain, _ = model.generate(labels, sampler="plain", generator=torch.Generator().manual_seed(9), steps=8)
+    recap, _ = model.generate(labels, sampler="recap", generator=torch.Generator().manual_seed(9), steps=8,
+                              num_cache_iters=1)
+    assert not torch.equal(plain.ids, recap.ids)
+
+
+def test_group_sizes_follow_the_official_schedule():
+    assert group_sizes(16, 8, 1) == [1] * 8 + [2] * 4
+    assert group_sizes(16, 0, 1) == [2] * 8
+    assert group_sizes(5, 0, 3) == [4, 1]
+    assert group_sizes(7, 2, 2) == [1, 1, 3, 2]
+    assert group_sizes(4, 0, 0) == [1, 1, 1, 1]
+    assert group_sizes(3, 3, 5) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("steps, pre, cache", [(8, 9, 1), (8, -1, 1), (8, 0, -1), (0, 0, 1)])
+def test_bad_options_raise(steps, pre, cache):
+    with pytest.raises(ValueError):
+        check_recap_options(steps, pre, cache)
+    with pytest.raises(ValueError):
+        tiny().generate(torch.tensor([0]), sampler="recap", steps=steps, pre_full_iters=pre, num_cache_iters=cache)
+
+
+def test_one_cheap_step_per_group_is_the_same_in_both_orders():
+    """With groups of two steps the cheap step decodes whatever is left, so both orders draw the same."""
+    model = tiny()
+    labels = torch.tensor([0, 1, 2, 3])
+    runs = [model.generate(labels, sampler="recap", generator=torch.Generator().manual_seed(4), steps=8,
+                           num_cache_iters=1, group_order=order)[0].ids for order in ("fixed", "confidence")]
+    assert torch.equal(*runs)
+
+
+def test_confidence_order_keeps_the_most_confident_of_the_groups_samples():
+    """Replay the first group (3 of 6 steps) by hand: its second step samples the group's undecoded positions
+    from the cheap logits and keeps the top counts[1] of log p + noise at the group's annealed temperature,
+    1 (1 - 1/2) = 0.5 for the first of two groups (not the per-step 1 (1 - 2/6) = 2/3, nor 0)."""
+    model = tiny()
+    counts = unmask_counts(36, 6)
+    seen = []
+    cheap = model.forward_cheap
+
+    def recording(pos, ids, labels, caches):
+        out = cheap(pos, ids, labels, caches)
+        seen.append((pos.clone(), ids.clone(), out))
+        return out
+
+    model.forward_cheap = recording
+    labels = torch.arange(8) % 4
+    model.generate(labels, sampler="recap", generator=torch.Generator().manual_seed(2), steps=6, num_cache_iters=2,
+                   group_order="confidence", choice_temperature=1.0)
+    (pos1, ids1, logits1), (pos2, ids2, _) = seen[:2]
+    assert pos1.shape[1] == sum(counts[:3]) and int((ids1 != model.mask_id).sum(1)[0]) == counts[0]
+    decoded = {(b, int(q)): int(t) for b in range(8) for q, t in zip(pos2[b], ids2[b]) if t != model.mask_id}
+    assert len(decoded) == 8 * (counts[0] + counts[1])
+
+    def replay(temperature: float) -> dict:
+        """What the second step decodes (beyond the first step's tokens) with this noise temperature."""
+        twin = torch.Generator().manual_seed(2)
+        torch.multinomial(torch.ones(8 * 36, VOCAB), 1, replacement=True, generator=twin)  # the full step's draws
+        gumbel_noise((8, 36), twin)
+        p = logits1[:, counts[0]:].softmax(-1)
+        drawn = torch.multinomial(p.reshape(-1, VOCAB), 1, replacement=True, generator=twin).view(8, -1)
+        confidence = torch.log(p.gather(-1, drawn[..., None])[..., 0]) + temperature * gumbel_noise(drawn.shape, twin)
+        keep = confidence.argsort(dim=1, descending=True, stable=True)[:, :counts[1]]
+        where = pos1[:, counts[0]:].gather(1, keep)
+        return {(b, int(q)): int(t) for b in range(8) for q, t in zip(where[b], drawn[b].gather(0, keep[b]))}
+
+    first = {(b, int(q)): int(t) for b in range(8) for q, t in zip(pos1[b], ids1[b]) if t != model.mask_id}
+    assert {**first, **replay(0.5)} == decoded
+    assert {**first, **replay(2 / 3)} != decoded and {**first, **replay(0.0)} != decoded
