@@ -2,15 +2,20 @@
 
 Both samplers run on the same labels and seeds (`apps.benchmarks.sampler_harness`): wall time is the
 median over repetitions alternating between them, quality is the Fréchet distance in the MNIST
-classifier's features and the class accuracy of 100 samples per digit (20 with --quick).
+classifier's features and the class accuracy of 100 samples per digit (--quick: 20, and the
+table at 16 steps only).
 
 - `speedup`: plain's wall time over ReCAP's (the headline setting below);
 - `flop_ratio`: plain's FLOPs over ReCAP's, counted by `torch.utils.flop_counter` over one batch
   (attention through PyTorch's math kernel, so its matrix products are counted too);
 - `fd_plain`, `fd_recap`, `accuracy_plain`, `accuracy_recap`, and `fd_noise`: the spread of plain's
   FD over three other seeds, which says how much of a difference is sampling noise;
-- the trade-off table `s{steps}_c{num_cache_iters}_{speedup,flop_ratio,fd,accuracy}`: ReCAP with that
-  many cheap steps per full step, against plain at the same steps (c0 is plain itself).
+- the trade-off table `s{steps}_c{num_cache_iters}[_confidence]_{speedup,flop_ratio,fd,accuracy}`: ReCAP
+  with that many cheap steps per full step (`_confidence`: `group_order="confidence"`, else ReCAP's
+  fixed order), against plain at the same steps (c0 is plain itself).
+
+The headline setting is 16 steps, 3 cheap steps per full step, `group_order="confidence"`, at the
+model's sampling defaults (cfg 2, choice temperature 2, temperature 1).
 
 The MAR figures (`mar_speedup`, `mar_fd_plain`, `mar_fd_recap`) wait for the MAR family.
 """
@@ -21,9 +26,10 @@ import torch
 from apps.benchmarks import benchmark
 
 STEPS = 16  # MaskGIT's class-conditional default
-HEADLINE = {"num_cache_iters": 3, "pre_full_iters": 0}
+HEADLINE = {"num_cache_iters": 3, "pre_full_iters": 0, "group_order": "confidence"}
 TABLE_STEPS = (8, 16)
-TABLE_CACHE = (1, 2, 3)
+# (num_cache_iters, group_order); with one cheap step both orders are the same rule
+TABLE = ((1, "fixed"), (2, "fixed"), (3, "fixed"), (2, "confidence"), (3, "confidence"))
 
 
 def counted_flops(model, labels: torch.Tensor, sampler: str, options: dict) -> int:
@@ -53,18 +59,18 @@ def measure(model, tokenizer, quick: bool) -> dict[str, float]:
         "accuracy_plain": f["plain_accuracy"], "accuracy_recap": f["recap_accuracy"],
         "plain_wall_s": f["plain_wall_s"], "recap_wall_s": f["recap_wall_s"],
     }
-    known = {("plain", STEPS, 0): (f["plain_fd"], f["plain_accuracy"]),
-             ("recap", STEPS, HEADLINE["num_cache_iters"]): (f["recap_fd"], f["recap_accuracy"])}
-    for steps in TABLE_STEPS:
-        runs = [SamplerRun("plain", "plain", {"steps": steps})]
-        runs += [SamplerRun(f"c{c}", "recap", {"steps": steps, "num_cache_iters": c, "pre_full_iters": 0})
-                 for c in TABLE_CACHE]
-        walls = time_samplers(model, runs, timing_labels, repeats=repeats)
-        plain_flops = counted_flops(model, timing_labels, "plain", runs[0].options)
-        for run in runs:
-            cache = run.options.get("num_cache_iters", 0)
-            key = f"s{steps}_c{cache}"
-            fd, accuracy = known.get((run.sampler, steps, cache)) or _quality(model, tokenizer, run, per_class)
+    known = {f"s{STEPS}_c0": (f["plain_fd"], f["plain_accuracy"]),
+             f"s{STEPS}_c{HEADLINE['num_cache_iters']}_confidence": (f["recap_fd"], f["recap_accuracy"])}
+    for steps in (STEPS,) if quick else TABLE_STEPS:
+        runs = {f"s{steps}_c0": SamplerRun("plain", "plain", {"steps": steps})}
+        for cache, order in TABLE:
+            key = f"s{steps}_c{cache}" + ("_confidence" if order == "confidence" else "")
+            runs[key] = SamplerRun(key, "recap", {"steps": steps, "num_cache_iters": cache, "pre_full_iters": 0,
+                                                  "group_order": order})
+        walls = time_samplers(model, list(runs.values()), timing_labels, repeats=repeats)
+        plain_flops = counted_flops(model, timing_labels, "plain", runs[f"s{steps}_c0"].options)
+        for key, run in runs.items():
+            fd, accuracy = known.get(key) or _quality(model, tokenizer, run, per_class)
             figures[f"{key}_speedup"] = walls["plain"]["wall_s"] / walls[run.name]["wall_s"]
             figures[f"{key}_flop_ratio"] = plain_flops / counted_flops(model, timing_labels, run.sampler, run.options)
             figures[f"{key}_fd"], figures[f"{key}_accuracy"] = fd, accuracy

@@ -129,7 +129,8 @@ class MaskGIT(GeneratorModel):
         self.out_blocks = nn.ModuleList(Block(c, skip=c.skip) for _ in range(c.depth // 2))
         self.norm = nn.LayerNorm(c.dim)
         self.head = TiedHead(c.dim, c.vocab_size + 1)
-        self.reset_parameters()
+        if not self.head.bias.is_meta:  # a model built on the meta device gets its weights from a file
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """U-ViT's init: truncated N(0, 0.02) linear weights, zero biases, unit LayerNorms, N(0, 0.02) tables."""

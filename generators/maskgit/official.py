@@ -100,16 +100,16 @@ def from_official(obj: Any, path: str | Path) -> MaskGIT:
     """Build the Tessera model for `nnet_ema.pth` (already read with weights_only=True)."""
     path = Path(path)
     state = official_state(obj)
-    model = MaskGIT(official_config(state, path.name))
+    with torch.device("meta"):  # every weight comes from the file: skip the random initialisation
+        model = MaskGIT(official_config(state, path.name))
     mapped = {}
     for key, value in state.items():
         new = map_key(key)
         if new is None:
             raise HubError(f"{path.name}: unexpected key {key!r} (no counterpart in the U-ViT MaskGIT)")
         mapped[new] = value.reshape(-1) if key == "mlm_layer.bias" else value  # stored as (1, 1, rows)
-    expected = dict(model.state_dict())
-    check_state_dict(expected, mapped, path.name)
-    model.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()})
+    check_state_dict(model.state_dict(), mapped, path.name)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, assign=True)
     return model.eval()
 
 

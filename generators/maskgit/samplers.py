@@ -12,9 +12,10 @@ plain, step t of T (0-based), every masked position:
      keeps every sample.
 
 Defaults: 16 steps (the number of iterations of MaskGIT's class-conditional ImageNet generator,
-`inference.py`; `decode` itself defaults to 12 and the paper uses 8 at 256 px) and choice
-temperature 4.5 (MaskGIT's class-conditional config). ReCAP's own runs of the U-ViT checkpoint use
-choice temperature 5.5 and a sampling temperature of 0.65-0.75.
+`inference.py`; `decode` itself defaults to 12 and the paper uses 8 at 256 px), choice temperature
+4.5 (MaskGIT's class-conditional config) and no guidance, unless the model's config says otherwise
+(`default_cfg`, `default_choice_temperature`: maskgit-mnist samples with 2 and 2). ReCAP's own runs
+of the U-ViT checkpoint use choice temperature 5.5 and a sampling temperature of 0.65-0.75.
 
 recap: `generators.recap.sample_tokens` on this model; with --num-cache-iters 0 it is plain, draw for
 draw (as long as no two confidences tie, which Gumbel noise makes a probability-0 event).

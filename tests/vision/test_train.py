@@ -203,7 +203,8 @@ def test_overwrite_replaces_the_run_only_after_its_first_checkpoint(tmp_path, ca
     assert load_checkpoint(old / "checkpoints/latest.pt")["config"]["seed"] == 1
     # the result is exactly a fresh run with the same options
     assert run_toy(["--out", str(tmp_path / "fresh"), "--seed", "1"], capsys)[0] == 0
-    a, b = torch.load(old / "final.pt"), torch.load(tmp_path / "fresh/final.pt")
+    a = torch.load(old / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "fresh/final.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert strip_times(old / "metrics.jsonl") == strip_times(tmp_path / "fresh/metrics.jsonl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "run"]
