@@ -246,6 +246,7 @@ def _load_second_model(name: str, device, pipe):
 
     other = load_generator(name, device)
     check_pair(other, pipe.tokenizer, f"(the tokenizer of {name})")
+    other.bind_tokenizer(pipe.tokenizer)
     return other
 
 

@@ -68,6 +68,10 @@ def build_model(name: str, cache):
         raise UserError(f"{name} emits {model.spec} but the token cache holds {cache.spec}")
     if model.num_classes and cache.num_classes > model.num_classes:
         raise UserError(f"the token cache has {cache.num_classes} classes, the model {model.num_classes}")
+    if model.needs_tokenizer:  # VAR: the loss builds next-scale inputs with the cache's tokenizer
+        from generators.pipeline import load_tokenizer_for
+
+        load_tokenizer_for(model, cache.tokenizer)
     return model
 
 

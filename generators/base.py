@@ -92,9 +92,26 @@ class GeneratorModel(nn.Module):
     training_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "weight_decay": 0.05, "betas": (0.9, 0.95),
                                                    "warmup_steps": 0, "grad_clip": 1.0}
 
+    # VAR builds each next-scale input from its VQVAE's codebook: such a family sets this and reaches the
+    # tokenizer through `self.tokenizer` once `bind_tokenizer` has given it one.
+    needs_tokenizer: ClassVar[bool] = False
+
     @property
     def spec(self) -> TokenSpec:
         raise NotImplementedError
+
+    def bind_tokenizer(self, tokenizer: nn.Module) -> None:
+        """Give the model the tokenizer it speaks. Kept outside the module tree: it is not part of the
+        generator's state dict (a released VAR file holds no VQVAE) and `.to()` does not move it."""
+        self.__dict__["_bound_tokenizer"] = tokenizer
+
+    @property
+    def tokenizer(self) -> nn.Module:
+        tok = self.__dict__.get("_bound_tokenizer")
+        if tok is None:
+            raise ValueError(f"{type(self).__name__} needs its tokenizer: load it with "
+                             "generators.pipeline.GenerationPipeline (or call bind_tokenizer)")
+        return tok
 
     @property
     def num_classes(self) -> int:

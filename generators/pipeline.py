@@ -33,6 +33,7 @@ def load_tokenizer_for(generator: GeneratorModel, tokenizer: str | os.PathLike |
         raise HubError("this generator's tokenizer ships separately; pass it with --tokenizer (or --vae) FILE")
     tok = resolve_model(name, kind="tokenizer", device=device)
     check_pair(generator, tok, str(name))
+    generator.bind_tokenizer(tok)
     return tok
 
 
