@@ -1,16 +1,19 @@
-"""python -m apps.train_tokenizer — train WeTok, VQ or VQRAE tokenizers on ImageNet-layout folders.
+"""python -m apps.train_tokenizer — train WeTok, VQ, VQRAE or KL tokenizers on ImageNet-layout folders.
 
     python -m apps.train_tokenizer --model wetok-f16 --data /imagenet/train --image-size 256 --out runs/wetok
     torchrun --nproc_per_node 8 -m apps.train_tokenizer --model wetok-f16 --data /imagenet/train --amp bf16 --out runs/wetok
     python -m apps.train_tokenizer --model wetok-f16 --stage 2 --init runs/wetok/model --data DIR --out runs/wetok-gd
     python -m apps.train_tokenizer --model wetok-tiny-f4 --data mnist5k --image-size 32 --out runs/mnist
     python -m apps.train_tokenizer --model vqrae-tiny --stage 2 --init runs/vqrae/model --data DIR --out runs/vqrae2
+    python -m apps.train_tokenizer --model kl-mnist --data mnist5k --perceptual-weight 0 --no-gan --out runs/kl
 
 Stage 1 trains the whole tokenizer: L1 (L2 for VQRAE) + LPIPS + GAN + quantizer losses; the
 PatchGAN discriminator is trained with hinge loss + LeCAM. Stage 2 is WeTok's generative
 decoder (noise at the decoder input, encoder and quantizer frozen, L1 + LPIPS + GAN) or
 VQRAE's self-distillation (encoder unfrozen, distilled to its frozen copy). Reconstruction
 grids are saved as PNG at each checkpoint; quantizer utilisation and perplexity are logged.
+A KL tokenizer (continuous latents) trains with its KL term in place of the quantizer losses, and
+its scaling factor is set to 1 / std of the latents of 1000 training images before it is saved.
 """
 from __future__ import annotations
 
@@ -28,10 +31,12 @@ from vision.train import Phase, Trainer, add_train_args, train_config_from_args
 
 
 def model_names() -> list[str]:
+    from generators.var.vqvae import VAR_VQVAE_CONFIGS
+    from tokenizers.kl import KL_CONFIGS
     from tokenizers.vq import VQ_CONFIGS
     from tokenizers.wetok import WETOK_CONFIGS
 
-    return sorted([*WETOK_CONFIGS, *VQ_CONFIGS, *VQRAE_CONFIGS])
+    return sorted([*WETOK_CONFIGS, *VQ_CONFIGS, *VQRAE_CONFIGS, *VAR_VQVAE_CONFIGS, *KL_CONFIGS])
 
 
 VQRAE_CONFIGS = {  # encoder name and overrides; weights from --encoder-weights (a local file)
@@ -48,7 +53,8 @@ def parse(argv):
     p.add_argument("--image-size", type=argtypes.positive_int, default=None,
                    help="training resolution, a multiple of the model's downsampling (default: the config's)")
     p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="2: WeTok generative decoder / VQRAE distillation")
-    p.add_argument("--init", help="stage 2: the stage-1 model (save_pretrained folder or shipped name)")
+    p.add_argument("--init", help="start from this model: stage 1 fine-tunes it, stage 2 needs it (the stage-1 model); "
+                   "a shipped name, a save_pretrained folder or a released file such as WeTok.ckpt")
     p.add_argument("--encoder-weights", help="VQRAE stage 1 (required): local file with the pretrained ViT weights "
                    "(timm state dict); VQRAE is defined by its pretrained encoder")
     p.add_argument("--random-encoder", action="store_true", help="VQRAE stage 1: start from a random encoder "
@@ -74,12 +80,18 @@ def parse(argv):
 
 def check_image_size_option(args) -> None:
     """--image-size against the named model's downsampling, while parsing (stage 2: training_size, once loaded)."""
+    from generators.var.vqvae import VAR_VQVAE_CONFIGS
+    from tokenizers.kl import KL_CONFIGS
     from tokenizers.vq import VQ_CONFIGS
     from tokenizers.wetok import WETOK_CONFIGS
 
     if not args.image_size or args.stage != 1:
         return
-    config = WETOK_CONFIGS.get(args.model) or VQ_CONFIGS.get(args.model)
+    var = VAR_VQVAE_CONFIGS.get(args.model)
+    if var is not None and args.image_size != var.image_size:  # its scales fix the latent side
+        raise UserError(f"--image-size {args.image_size}: --model {args.model} works at {var.image_size} only "
+                        f"(scales {var.patch_nums} x downsampling {var.downsample})")
+    config = WETOK_CONFIGS.get(args.model) or VQ_CONFIGS.get(args.model) or KL_CONFIGS.get(args.model)
     step = config.downsample if config else VQRAE_CONFIGS.get(args.model, {}).get("patch_size", 1)
     if args.image_size % step:
         what = "patch size" if args.model in VQRAE_CONFIGS else "downsampling factor"
@@ -101,13 +113,17 @@ def gan_weight(text: str) -> str:
 
 
 def build_model(args):
+    from generators.var.vqvae import VAR_VQVAE_CONFIGS, MultiScaleVQVAE, var_vqvae_config
+    from tokenizers.kl import KL_CONFIGS, KLTokenizer, kl_config
     from tokenizers.vq import VQ_CONFIGS, VQTokenizer, vq_config
     from tokenizers.vqrae import VQRAE, VQRAEConfig
     from tokenizers.wetok import WETOK_CONFIGS, WeTok, to_generative, wetok_config
     from vision.errors import ConfigError
-    from vision.hub import from_pretrained
+    from vision.hub import resolve_model
 
     size = {"image_size": args.image_size} if args.image_size else {}
+    if args.stage == 1 and args.init:
+        return fine_tune_init(args)
     vqrae = args.stage == 1 and args.model in VQRAE_CONFIGS
     if not vqrae and (args.encoder_weights or args.random_encoder):
         raise UserError("--encoder-weights and --random-encoder are for VQRAE stage 1 (--model "
@@ -121,7 +137,7 @@ def build_model(args):
     if args.stage == 2:
         if not args.init:
             raise UserError("--stage 2 needs --init, the stage-1 model")
-        model = from_pretrained(args.init)
+        model = resolve_model(args.init, kind="tokenizer")
         if isinstance(model, WeTok):
             return to_generative(model) if not model.config.generative else model
         if isinstance(model, VQRAE):
@@ -132,12 +148,40 @@ def build_model(args):
             return WeTok(wetok_config(args.model, **size))
         if args.model in VQ_CONFIGS:
             return VQTokenizer(vq_config(args.model, **size))
+        if args.model in KL_CONFIGS:
+            return KLTokenizer(kl_config(args.model, **size))
+        if args.model in VAR_VQVAE_CONFIGS:  # trainable whatever the config's test_mode
+            return MultiScaleVQVAE(var_vqvae_config(args.model, **size, test_mode=False))
         if args.model in VQRAE_CONFIGS:
             config = VQRAEConfig(**{**VQRAE_CONFIGS[args.model], **size, "encoder_weights": args.encoder_weights})
             return VQRAE(config).set_stage(1)
     except ConfigError as e:
         raise UserError(f"--model {args.model}: {e}") from None
     raise UserError(f"unknown --model {args.model!r}; known: {', '.join(model_names())}")
+
+
+def fine_tune_init(args):
+    """Stage 1 from trained weights (--init: any form vision.hub.resolve_model takes), of --model's family."""
+    from generators.var.vqvae import VAR_VQVAE_CONFIGS, MultiScaleVQVAE
+    from tokenizers.kl import KL_CONFIGS, KLTokenizer
+    from tokenizers.vq import VQ_CONFIGS, VQTokenizer
+    from tokenizers.vqrae import VQRAE
+    from tokenizers.wetok import WETOK_CONFIGS, WeTok
+    from vision.hub import resolve_model
+
+    if args.encoder_weights or args.random_encoder:
+        raise UserError("--encoder-weights and --random-encoder build a new VQRAE; the --init model has its encoder")
+    families = [(WETOK_CONFIGS, WeTok), (VQ_CONFIGS, VQTokenizer), (KL_CONFIGS, KLTokenizer),
+                (VAR_VQVAE_CONFIGS, MultiScaleVQVAE), (VQRAE_CONFIGS, VQRAE)]
+    family = next((cls for configs, cls in families if args.model in configs), None)
+    if family is None:
+        raise UserError(f"unknown --model {args.model!r}; known: {', '.join(model_names())}")
+    model = resolve_model(args.init, kind="tokenizer")
+    if not isinstance(model, family):
+        raise UserError(f"--init {args.init} is a {type(model).__name__}, --model {args.model} a {family.__name__}")
+    if isinstance(model, WeTok) and model.config.generative:
+        raise UserError(f"--init {args.init} has WeTok's generative decoder (stage 2): continue it with --stage 2")
+    return model.set_stage(1) if isinstance(model, VQRAE) else model
 
 
 def training_size(args, model) -> int:
@@ -266,6 +310,7 @@ def main(argv=None) -> int:
     if not trainer.dist.is_main:
         return 0
     final = trainer.final_model("tokenizer").eval()
+    calibrate_kl(final, data, device)
     save_pretrained(final, Path(args.out) / "model")
     print(f"model saved to {Path(args.out) / 'model'} ({elapsed / 60:.1f} min)")
     figures = reconstruction_figures(final, args, size, device)
@@ -273,15 +318,28 @@ def main(argv=None) -> int:
         figures.update(validation_rfid(args, size))
     print("  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
     if args.ship:
+        codes = ", codebook utilisation and perplexity over all their ids" if "utilisation" in figures else ""
         entry = register_shipped(
             args.ship, final.cpu(), kind="tokenizer", trained_with=command,
             data="MNIST-5k training split (4000 digits, 32x32)" if args.data == "mnist5k" else str(args.data),
             train_time=f"{elapsed / 60:.1f} min on {device}", metrics={k: round(v, 4) for k, v in figures.items()},
             metrics_protocol="reconstruction of the 1000 held-out MNIST-5k digits (uint8 round trip): "
-                             "PSNR in dB on [0, 1], codebook utilisation and perplexity over all their ids"
+                             f"PSNR in dB on [0, 1]{codes}"
                              if args.data == "mnist5k" else "reconstruction of the first 256 training images")
         print(f"shipped as {args.ship}: weights/{entry['file']}")
     return 0
+
+
+def calibrate_kl(model, data, device, count: int = 1000) -> None:
+    """A KL tokenizer's scaling factor: 1 / std of the posterior means of the first `count` training images
+    (LDM's scale_by_std), so the latents a generator trains on have about unit variance."""
+    from tokenizers.kl import KLTokenizer
+
+    if not isinstance(model, KLTokenizer):
+        return
+    images = torch.stack([data[i][0] for i in range(min(count, len(data)))])
+    scale = model.calibrate_scaling_factor(images.to(device))
+    print(f"scaling factor {scale:.6g} (1 / std of the latents of {len(images)} training images)")
 
 
 def validation_rfid(args, size: int) -> dict[str, float]:
@@ -323,7 +381,14 @@ def reconstruction_figures(model, args, size: int, device) -> dict[str, float]:
         tokens = model.encode(chunk)
         recon = model.decode(tokens)
         values.append(psnr(to_uint8(recon).float() / 255, to_uint8(chunk).float() / 255, reduction="none"))
-        ids.append(tokens.ids.flatten(2) if tokens.ids.ndim == 4 else tokens.ids.flatten(1)[:, None])
+        if tokens.spec.kind == "continuous":  # KL: no codes to count
+            continue
+        if tokens.ids is None:  # VAR: the ids of every scale, pooled
+            ids.append(torch.cat([s.flatten(1) for s in tokens.scale_ids], 1)[:, None])
+        else:
+            ids.append(tokens.ids.flatten(2) if tokens.ids.ndim == 4 else tokens.ids.flatten(1)[:, None])
+    if not ids:
+        return {"psnr_db": torch.cat(values).mean().item()}
     ids = torch.cat(ids).transpose(0, 1).reshape(ids[0].shape[1], -1)  # (groups, n)
     vocab = model.spec.vocab_size
     counts = torch.stack([torch.bincount(g, minlength=vocab) for g in ids]).double()
