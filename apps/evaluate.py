@@ -5,6 +5,7 @@
     python -m apps.evaluate kid --real real/ --fake samples/
     python -m apps.evaluate is --fake samples/
     python -m apps.evaluate rfid --tokenizer wetok-mnist --data digits/ --image-size 32
+    python -m apps.evaluate rfid --tokenizer WeTok.ckpt --data imagenet_val/ --image-size 256
     python -m apps.evaluate psnr --ref hr/ --test upscaled/ --y-channel --shave 4
     python -m apps.evaluate fid --features mnist-classifier --real digits/ --fake generated/
     python -m apps.evaluate classify --fake generated/ --labels-from-folders   # folders 0/ .. 9/
@@ -138,8 +139,8 @@ def cmd_stats(args, runner: Runner) -> Figures:
 
 
 def _rfid_args(p):
-    p.add_argument("--tokenizer", required=True, metavar="NAME|DIR",
-                   help="shipped tokenizer name or save_pretrained folder")
+    p.add_argument("--tokenizer", required=True, metavar="NAME|DIR|FILE",
+                   help="shipped tokenizer name, save_pretrained folder or released tokenizer file (e.g. WeTok.ckpt)")
     p.add_argument("--data", required=True, metavar="DIR", help="original images (e.g. ImageNet val, any layout)")
     p.add_argument("--num", type=int, default=None, metavar="N",
                    help="use N images evenly spaced in sorted order (default: all)")

@@ -5,10 +5,15 @@
     python -m apps.segment --model runs/neunet/model dicom_series/ -o seg.nii.gz
     python -m apps.segment --model my-model imagesTs/ -o predictions/   # every .nii/.nii.gz in a folder
     python -m apps.segment scan.nii.gz --labels background,liver,spleen,kidney,pancreas,lesion
+    python -m apps.segment --model results/neUNetTrainer__nnUNetPlans__3d_fullres --folds 0,1 scan.nii.gz
+    python -m apps.segment --model fold_0/checkpoint_final.pth scan.nii.gz
+    python -m apps.segment --model best_dice.pth --preset synapse scan.nii.gz   # HBFormer's Synapse weights
 
-The model is a shipped name (weights/index.json) or a folder written by apps.train_segmenter:
-it carries its own preparation (orientation, spacing, CT/MRI intensity normalisation, window,
-class names), see segmentation/pipeline.py. Inference is a Gaussian-blended sliding window
+The model is a shipped name (weights/index.json), a folder written by apps.train_segmenter, an
+nnU-Net v2 result folder or checkpoint_final.pth of neU-Net (run as nnU-Net's own predictor runs
+it, segmentation/nnunet.py), or a released network file with --preset naming how scans were prepared
+for it (segmentation/presets.py). Tessera's own models carry their preparation (orientation,
+spacing, CT/MRI intensity normalisation, window, class names), see segmentation/pipeline.py. Inference is a Gaussian-blended sliding window
 (optionally with mirroring TTA), reduced to labels slab by slab so memory stays bounded. The
 label map has exactly the input's voxel grid and affine (for DICOM: the series' RAS affine).
 A table of voxel counts and volumes (ml) per class is printed.
@@ -33,7 +38,17 @@ def parse(argv):
                    ".nii/.nii.gz volumes")
     p.add_argument("-o", "--output", help="output .nii.gz (a folder when the input is a folder of NIfTI files, "
                    "not the input folder itself); default: NAME_seg.nii.gz beside the input (for a folder: FOLDER_seg/)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="shipped segmenter name or a saved segmenter folder")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="shipped segmenter name, a saved segmenter folder, an nnU-Net result folder (plans.json, "
+                   "dataset.json, fold_N/checkpoint_final.pth) or checkpoint_final.pth of neU-Net, or a released "
+                   "network file (e.g. HBFormer's Synapse .pth) together with --preset")
+    p.add_argument("--folds", help="nnU-Net result folder: the folds to average, e.g. 0,1,2 or 'all' for fold_all "
+                   "(default: every fold_N that has the checkpoint)%(default).0s")
+    p.add_argument("--checkpoint", help="nnU-Net result folder: the checkpoint file in each fold "
+                   "(default: checkpoint_final.pth)%(default).0s")
+    p.add_argument("--preset", choices=sorted(_preset_names()),
+                   help="how scans are prepared for a released network file that does not say: "
+                   + "; ".join(f"{k}: {v}" for k, v in sorted(_preset_names().items())) + "%(default).0s")
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the model's, 0.5 for the shipped ones)")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (2^d passes per window)")
@@ -44,6 +59,12 @@ def parse(argv):
                    "per line or an nnU-Net dataset.json (default: the model's names)")
     add_common_args(p, seed=False)
     return p.parse_args(argv)
+
+
+def _preset_names() -> dict[str, str]:
+    from segmentation.presets import PRESETS
+
+    return {name: p["what"] for name, p in PRESETS.items()}
 
 
 def _is_nifti(path: Path) -> bool:
@@ -135,14 +156,39 @@ def class_names(args, model) -> list[str]:
     return [str(n) for n in given]
 
 
-def load_segmenter(spec: str, device: torch.device):
-    from segmentation.pipeline import Segmenter
-    from vision.hub import from_pretrained
+def _folds(text: str) -> list[str]:
+    folds = [f.strip() for f in text.split(",")]
+    if not folds or any(not (f.isdigit() or f == "all") for f in folds) or len(set(folds)) != len(folds):
+        raise UserError(f"--folds {text!r}: give fold numbers separated by commas (e.g. 0,1,2) or 'all'")
+    return folds
 
-    model = from_pretrained(spec)
-    if not isinstance(model, Segmenter):
-        raise UserError(f"{spec} is a bare {type(model).__name__}, not a segmenter: it does not say how scans are "
-                        "prepared for it; wrap it with segmentation.pipeline.Segmenter.wrap(...) and save_pretrained")
+
+def load_segmenter(args, device: torch.device):
+    """--model through vision.hub.resolve_model; a bare network needs --preset (and a prepared model refuses one)."""
+    from segmentation.nnunet import NnUNetSegmenter
+    from segmentation.pipeline import Segmenter
+    from segmentation.presets import apply_preset
+    from vision.hub import resolve_model
+
+    spec = args.model
+    options = {}
+    if args.folds is not None:
+        options["folds"] = _folds(args.folds)
+    if args.checkpoint is not None:
+        options["checkpoint"] = args.checkpoint
+    model = resolve_model(spec, kind="segmenter", **options)
+    prepared = isinstance(model, (Segmenter, NnUNetSegmenter))
+    if args.preset and prepared:
+        raise UserError(f"--preset {args.preset}: {spec} already says how scans are prepared for it; leave --preset out")
+    if args.preset:
+        try:
+            model = apply_preset(model, args.preset)
+        except ValueError as e:
+            raise UserError(f"--preset {args.preset}: {e}") from None
+    elif not prepared:
+        presets = ", ".join(f"{k} ({v})" for k, v in sorted(_preset_names().items()))
+        raise UserError(f"{spec} is a bare {type(model).__name__} checkpoint: it does not say how scans are prepared "
+                        f"for it; pass --preset NAME, one of: {presets}")
     if model.in_channels != 1:
         raise UserError(f"{spec} expects {model.in_channels} input channels, but a volume has 1 "
                         "(multi-channel models need one co-registered volume per channel)")
@@ -183,7 +229,7 @@ def main(argv=None) -> int:
     for src, _ in pairs[1:]:
         read_input(src)
     device = resolve_device(args.device)
-    model = load_segmenter(args.model, device)
+    model = load_segmenter(args, device)
     names = class_names(args, model)
     pairs[0][1].parent.mkdir(exist_ok=True)
     for i, (src, dst) in enumerate(pairs):

@@ -29,7 +29,6 @@ from vision.data.images import IMAGE_EXTENSIONS, float_array, format_for_path, o
 DEFAULT_MODEL = "liif-lite"
 CPU_TILE = 256  # input pixels; on CUDA the tile is sized from free memory instead
 MAX_OUTPUT_PIXELS = 400_000_000  # 20000 x 20000: about 1.2 GB as 8-bit RGB in memory
-OFFICIAL_SUFFIXES = (".pth", ".pt", ".ckpt")
 PNG_COMPRESSION = 3  # zlib level: about 3x faster than Pillow's 6 for ~8% larger files, same pixels
 
 
@@ -43,7 +42,8 @@ def parse(argv):
                    "folder input. Default: NAME_xS.png (or NAME_WxH.png) beside each input file, and a "
                    "folder input's images into FOLDER_xS/ beside that folder")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="shipped model name, a save_pretrained folder, or an official LIIF .pth file")
+                   help="shipped model name, a save_pretrained folder, or an official LIIF .pth file "
+                   "(edsr-baseline-liif.pth, rdn-liif.pth)")
     # "%(default).0s" prints nothing; it only stops argparse from appending "(default: None)"
     p.add_argument("--tile", type=argtypes.positive_int, default=None,
                    help=f"input tile side in pixels; bounds memory, the result does not depend on it "
@@ -63,16 +63,11 @@ def parse(argv):
 
 
 def load_upscaler(spec: str, device: torch.device):
-    from vision.decoders.liif import LIIF, from_official
-    from vision.hub import from_pretrained, load_official_state_dict
+    """--model through vision.hub.resolve_model (shipped name, save_pretrained folder, released LIIF file)."""
+    from vision.decoders.liif import LIIF
+    from vision.hub import resolve_model
 
-    path = Path(spec)
-    if path.suffix in OFFICIAL_SUFFIXES:
-        if not path.is_file():
-            raise UserError(f"model file {path} does not exist")
-        model = from_official(load_official_state_dict(path))
-    else:
-        model = from_pretrained(spec)
+    model = resolve_model(spec, kind="decoder")
     if not isinstance(model, LIIF):
         raise UserError(f"{spec} is a {type(model).__name__}, not an upscaling (LIIF) model")
     return model.to(device).eval()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vision.hub import check_state_dict, load_official_state_dict, register_model
+from vision.hub import HubError, check_state_dict, load_official_state_dict, register_model, register_official
 
 __all__ = ["HBFormerConfig", "HBFormer", "pseudo_hdr", "swin_window_size", "Med_DSPP", "from_official"]
 
@@ -335,14 +335,32 @@ def _official_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
     return out
 
 
+def _swin_sizes(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """embed_dim, depths and heads of the Swin encoder from its weights (Swin-T: 96, 2-2-6-2, 3-6-12-24)."""
+    prefix = "MWAencoder.backbone.layers"
+    blocks = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$")
+    depth: dict[int, int] = {}
+    heads: dict[int, int] = {}
+    for key, value in state.items():
+        m = blocks.match(key)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            depth[stage] = max(depth.get(stage, 0), block + 1)
+            heads[stage] = int(value.shape[1])
+    if sorted(depth) != [0, 1, 2, 3]:
+        raise ValueError("not an HBFormer checkpoint: its Swin encoder needs 4 stages of attention blocks")
+    return {"embed_dim": int(state["MWAencoder.backbone.patch_embed.proj.weight"].shape[0]),
+            "depths": tuple(depth[i] for i in range(4)), "num_heads": tuple(heads[i] for i in range(4))}
+
+
 def from_official(checkpoint: Mapping[str, Any] | str | Path, config: HBFormerConfig | None = None) -> HBFormer:
     """Build an HBFormer from an official lzeeorno/HBFormer checkpoint (state dict or file path).
 
     Accepts a raw `model.state_dict()` (what `train_synapse.py` saves), `{'state_dict' |
     'model_state_dict' | 'model': ...}` wrappers, DataParallel `module.` / torch.compile `_orig_mod.`
-    prefixes. Without `config`, num_classes and feature_size are read from the weights and the
-    image size defaults to the official Synapse setting (256) when the Swin window is 8, 224 when
-    it is 7; pass `config` for any other size. Every key must map with an equal shape, and every
+    prefixes. Without `config`, num_classes, feature_size and the Swin encoder's width, depths and
+    heads are read from the weights, and the image size defaults to the official Synapse setting
+    (256) when the Swin window is 8, 224 when it is 7; pass `config` for any other size. Every key must map with an equal shape, and every
     parameter and buffer of the model must be covered, or ValueError names the key.
     """
     if isinstance(checkpoint, (str, Path)):
@@ -359,8 +377,32 @@ def from_official(checkpoint: Mapping[str, Any] | str | Path, config: HBFormerCo
         img_size = {7: 224, 8: 256}.get(window)
         if img_size is None:
             raise ValueError(f"Swin window {window}: pass an HBFormerConfig with the training img_size")
-        config = HBFormerConfig(num_classes=num_classes, feature_size=feature_size, img_size=img_size)
+        config = HBFormerConfig(num_classes=num_classes, feature_size=feature_size, img_size=img_size,
+                                **_swin_sizes(state))
     model = HBFormer(config)
     check_state_dict(model.state_dict(), state, "official HBFormer checkpoint")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def recognise_official(obj: Any) -> bool:
+    """An lzeeorno/HBFormer state dict (bare, wrapped, or a resume file): its Swin encoder and MFF decoders."""
+    if not isinstance(obj, Mapping):
+        return False
+    state: Mapping[str, Any] = obj
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    keys = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in state}
+    return "MWAencoder.backbone.patch_embed.proj.weight" in keys and "MFF_decoder4.transp_conv.weight" in keys
+
+
+def _load_official(obj: Any, path: Path) -> HBFormer:
+    try:
+        return from_official(obj)
+    except ValueError as e:
+        raise HubError(f"{Path(path).name}: {e}") from None
+
+
+register_official("hbformer", kind="segmenter", recognise=recognise_official, load=_load_official)

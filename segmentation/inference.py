@@ -29,7 +29,15 @@ MONAI's 2-D sliding window applied to every slice.
 
 Mirroring test-time augmentation (nnU-Net): each window batch is predicted 2^d times, flipped
 along every subset of the spatial axes (8 passes in 3-D, 4 for a 2-D model), the predictions
-flipped back and their logits averaged.
+flipped back and their logits averaged. ``mirror_axes`` restricts the flips to some axes (an nnU-Net
+checkpoint's ``inference_allowed_mirroring_axes``).
+
+nnU-Net's own placement and weights (``placement="nnunet"``, ``mode="gaussian_nnunet"``;
+nnunetv2/inference/sliding_window_prediction.py): per axis ``n = ceil((size - window) / (window * (1 -
+overlap))) + 1`` windows, start ``i`` at ``round(i * (size - window) / (n - 1))`` (numpy's
+half-to-even rounding); the weight map is a unit impulse at voxel ``window // 2`` blurred by
+``scipy.ndimage.gaussian_filter`` (sigma ``window / 8``, truncated at 4 sigma, zero outside), scaled
+to a maximum of 10, its zeros replaced by its smallest positive value. Padding is the same.
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sliding_window_inference", "scan_intervals", "window_starts", "importance_map"]
+__all__ = ["sliding_window_inference", "scan_intervals", "window_starts", "nnunet_window_starts", "importance_map"]
 
 Output = Literal["labels", "probabilities", "logits"]
 
@@ -77,9 +85,45 @@ def window_starts(image_size: Sequence[int], window: Sequence[int], interval: Se
     return starts
 
 
+def nnunet_window_starts(image_size: Sequence[int], window: Sequence[int], step_size: float) -> list[list[int]]:
+    """nnU-Net's ``compute_steps_for_sliding_window``: evenly spread starts, the last flush with the end.
+
+    ``step_size`` is nnU-Net's ``tile_step_size`` (1 - overlap); every axis must be at least the window.
+    """
+    import numpy as np
+
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size must be in (0, 1], got {step_size}")
+    starts = []
+    for size, win in zip(image_size, window):
+        if size < win:
+            raise ValueError(f"image size {tuple(image_size)} is smaller than the window {tuple(window)}")
+        n = int(np.ceil((size - win) / (win * step_size))) + 1
+        actual = (size - win) / (n - 1) if n > 1 else 0.0
+        starts.append([int(np.round(actual * i)) for i in range(n)])
+    return starts
+
+
+def _nnunet_gaussian(window: Sequence[int], sigma_scale: float = 0.125) -> Tensor:
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(tuple(window))
+    impulse[tuple(w // 2 for w in window)] = 1
+    g = gaussian_filter(impulse, [w * sigma_scale for w in window], 0, mode="constant", cval=0)
+    g = torch.from_numpy(g / (g.max() / 10)).float()
+    g[g == 0] = g[g > 0].min()
+    return g
+
+
 def importance_map(window: Sequence[int], mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125
                    ) -> Tensor:
-    """Blending weights of one window (MONAI ``compute_importance_map``), float32."""
+    """Blending weights of one window (MONAI ``compute_importance_map``; ``"gaussian_nnunet"``: nnU-Net's), float32."""
+    if mode == "gaussian_nnunet":
+        scales = set(_per_axis(sigma_scale, len(window), "sigma_scale"))
+        if len(scales) != 1:
+            raise ValueError("nnU-Net's Gaussian takes one sigma_scale for every axis")
+        return _nnunet_gaussian(window, float(scales.pop()))
     if mode == "constant":
         weights = torch.ones(tuple(window), dtype=torch.float32)
     elif mode == "gaussian":
@@ -90,7 +134,7 @@ def importance_map(window: Sequence[int], mode: str = "gaussian", sigma_scale: f
             g = torch.exp(x**2 / (-2 * (n * s) ** 2))
             weights = g if i == 0 else weights.unsqueeze(-1) * g
     else:
-        raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
+        raise ValueError(f"mode must be 'gaussian', 'gaussian_nnunet' or 'constant', got {mode!r}")
     return weights.clamp(min=max(weights.min().item(), 1e-3))
 
 
@@ -206,7 +250,7 @@ def sliding_window_inference(
     *,
     overlap: float | Sequence[float] = 0.25,
     step: int | Sequence[int] | None = None,
-    mode: Literal["gaussian", "constant"] = "gaussian",
+    mode: Literal["gaussian", "gaussian_nnunet", "constant"] = "gaussian",
     sigma_scale: float | Sequence[float] = 0.125,
     sw_batch_size: int = 4,
     output: Output = "labels",
@@ -215,6 +259,8 @@ def sliding_window_inference(
     device: str | torch.device | None = None,
     padding_value: float = 0.0,
     progress: bool = False,
+    placement: Literal["monai", "nnunet"] = "monai",
+    mirror_axes: Sequence[int] | None = None,
 ) -> Tensor:
     """Predict a whole volume with a model trained on windows (see the module docstring).
 
@@ -225,7 +271,8 @@ def sliding_window_inference(
         window: window size per spatial axis (one int for all); ``None``/``<= 0`` means the whole axis.
         overlap: fraction of the window shared by neighbours (MONAI's default 0.25; nnU-Net uses 0.5).
         step: explicit distance between window starts in voxels, overriding ``overlap``.
-        mode: ``"gaussian"`` (weights fall off towards window borders) or ``"constant"``.
+        mode: ``"gaussian"`` (weights fall off towards window borders), ``"gaussian_nnunet"`` (nnU-Net's
+            map, see the module docstring) or ``"constant"``.
         sigma_scale: Gaussian sigma as a fraction of the window size.
         sw_batch_size: windows per model call.
         output: ``"labels"`` (argmax over classes, uint8 for up to 256 classes, shape ``spatial``),
@@ -236,6 +283,8 @@ def sliding_window_inference(
         device: where the model runs (default: the model's parameters' device). Stitching is on CPU.
         padding_value: fill value where the volume is padded up to the window size.
         progress: show a tqdm bar on stderr.
+        placement: ``"monai"`` window starts, or nnU-Net's (``step_size = 1 - overlap``; ``step`` unused).
+        mirror_axes: the spatial axes (0-based) that ``tta_mirror`` flips; default all of them.
     """
     volume = torch.as_tensor(volume)
     if volume.ndim < 2:
@@ -261,6 +310,8 @@ def sliding_window_inference(
     if per_slice:  # a (wx, wy, 1) window walking over every slice
         win, ovl, scales = (*win, 1), (*ovl, 0.0), (*scales, 1.0)
         steps = None if steps is None else (*steps, 1)
+    if placement not in ("monai", "nnunet"):
+        raise ValueError(f"placement must be 'monai' or 'nnunet', got {placement!r}")
     if steps is not None and any(s < 1 or s > w for s, w in zip(steps, win)):
         raise ValueError(f"step {step} must be between 1 and the window size {win}, or windows leave gaps")
 
@@ -274,12 +325,20 @@ def sliding_window_inference(
         volume = F.pad(volume[None], pad, mode="constant", value=padding_value)[0]
     padded = tuple(int(s) for s in volume.shape[1:])
 
-    intervals = scan_intervals(padded, win, ovl)
-    if steps is not None:
-        intervals = tuple(w if w == p else s for w, p, s in zip(win, padded, steps))
-    starts = list(itertools.product(*window_starts(padded, win, intervals)))
+    if placement == "nnunet":
+        per_axis = nnunet_window_starts(padded[:spatial_dims], win[:spatial_dims], 1 - ovl[0])
+        if per_slice:
+            per_axis.append(list(range(padded[-1])))
+    else:
+        intervals = scan_intervals(padded, win, ovl)
+        if steps is not None:
+            intervals = tuple(w if w == p else s for w, p, s in zip(win, padded, steps))
+        per_axis = window_starts(padded, win, intervals)
+    starts = list(itertools.product(*per_axis))
     starts.sort(key=lambda s: s[-1])  # stable: MONAI's order within each slab
-    weight = importance_map(win, mode, scales)
+    weight = importance_map(win[:spatial_dims], mode, scales[:spatial_dims])
+    if per_slice:
+        weight = weight.unsqueeze(-1)
 
     device = torch.device(device) if device is not None else _model_device(model)
 
@@ -289,7 +348,11 @@ def sliding_window_inference(
             out = out[0]
         return out.unsqueeze(-1) if per_slice else out
 
-    mirror_axes = tuple(range(2, 2 + spatial_dims))
+    if mirror_axes is None:
+        mirror_axes = range(spatial_dims)
+    if any(not 0 <= int(a) < spatial_dims for a in mirror_axes):
+        raise ValueError(f"mirror_axes {tuple(mirror_axes)} must be spatial axes 0..{spatial_dims - 1}")
+    mirror_axes = tuple(2 + int(a) for a in mirror_axes)
     flips = [axes for r in range(1, len(mirror_axes) + 1) for axes in itertools.combinations(mirror_axes, r)]
 
     def predict(x: Tensor) -> Tensor:

@@ -286,11 +286,16 @@ def _official_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
 
 def _plans_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     """Architecture fields from an nnU-Net checkpoint's `init_args` (plans + configuration name)."""
+    from segmentation.nnunet import configuration_of, plan_strides
+
     init = checkpoint.get("init_args") if isinstance(checkpoint, Mapping) else None
     if not isinstance(init, Mapping) or "plans" not in init:
         return None
-    conf = init["plans"]["configurations"][init.get("configuration", "3d_fullres")]
-    return {"strides": conf["pool_op_kernel_sizes"]}
+    try:
+        conf = configuration_of(init["plans"], init.get("configuration", "3d_fullres"))
+        return {"strides": plan_strides(conf)}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"the checkpoint's init_args plans have no strides for its configuration ({e})") from None
 
 
 def from_official(checkpoint: Mapping[str, Any] | str | Path, config: NeUNetConfig | None = None) -> NeUNet:

@@ -25,7 +25,11 @@ a shipped model end to end:
   for classes where it does not lower the Dice (single organs; never for scattered lesions).
 
 Inference is `segmentation.inference.sliding_window_inference` (Gaussian blending, optional
-mirroring TTA), reduced to labels slab by slab, so memory stays bounded on large volumes.
+mirroring TTA), reduced to labels slab by slab, so memory stays bounded on large volumes. A 2-D
+network can instead see whole slices resized to its window (``inference="resize_slices"``, the
+TransUNet/Synapse protocol: cubic-spline zoom of each slice along the last axis to the window,
+argmax, nearest zoom back; ``transpose_slices`` feeds slice ``[:, :, k]`` transposed, rows being
+the second voxel axis, as SimpleITK's array order gives them).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ __all__ = ["SegmenterConfig", "Segmenter", "INTENSITY_MODES", "canonical_transfo
            "from_model_grid", "keep_largest_component"]
 
 INTENSITY_MODES = ("ct", "ct_window", "zscore", "zscore_nonzero", "percentile_window", "none")
+INFERENCE_MODES = ("sliding_window", "resize_slices")
 
 
 @dataclass
@@ -62,6 +67,8 @@ class SegmenterConfig:
     ct_std: float | None = None
     modality: str = "CT"
     largest_component: tuple[int, ...] = ()      # classes reduced to their largest connected component
+    inference: str = "sliding_window"            # or "resize_slices" (2-D: whole slices resized to the window)
+    transpose_slices: bool = False               # resize_slices: feed slice [:, :, k] transposed
 
     def __post_init__(self) -> None:
         self.class_names = tuple(str(n) for n in self.class_names)
@@ -76,8 +83,13 @@ class SegmenterConfig:
                 raise ValueError(f"spacing must be 3 positive numbers (mm), got {self.spacing}")
         if self.intensity not in INTENSITY_MODES:
             raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
+        if self.inference not in INFERENCE_MODES:
+            raise ValueError(f"inference must be one of {', '.join(INFERENCE_MODES)}, got {self.inference!r}")
+        if self.inference == "resize_slices" and len(self.window) != 2:
+            raise ValueError("inference 'resize_slices' runs a 2-D network: window needs 2 entries")
         if self.intensity in ("ct", "ct_window"):
-            missing = [n for n in ("ct_lower", "ct_upper", "ct_mean", "ct_std") if getattr(self, n) is None]
+            needed = ("ct_lower", "ct_upper", "ct_mean", "ct_std") if self.intensity == "ct" else ("ct_lower", "ct_upper")
+            missing = [n for n in needed if getattr(self, n) is None]
             if missing:
                 raise ValueError(f"intensity {self.intensity!r} needs the dataset statistics {', '.join(missing)}")
             if not self.ct_lower < self.ct_upper:
@@ -305,12 +317,57 @@ class Segmenter(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            labels = sliding_window_inference(
-                x, self.net, self.config.window, overlap=self.config.overlap if overlap is None else overlap,
-                mode="gaussian", sw_batch_size=batch, output="labels",
-                spatial_dims=2 if self.spatial_dims == 2 else None, tta_mirror=tta, device=device,
-                progress=progress)
+            if self.config.inference == "resize_slices":
+                labels = torch.from_numpy(self._resize_slices(x[0].numpy(), tta=tta, batch=batch, device=device,
+                                                              progress=progress))
+            else:
+                labels = sliding_window_inference(
+                    x, self.net, self.config.window, overlap=self.config.overlap if overlap is None else overlap,
+                    mode="gaussian", sw_batch_size=batch, output="labels",
+                    spatial_dims=2 if self.spatial_dims == 2 else None, tta_mirror=tta, device=device,
+                    progress=progress)
         finally:
             self.train(was_training)
         labels = self.from_model_grid(labels.numpy(), affine, array.shape)
         return keep_largest_component(labels, self.config.largest_component) if postprocess else labels
+
+    def _resize_slices(self, volume: np.ndarray, *, tta: bool, batch: int, device, progress: bool) -> np.ndarray:
+        """Labels of a prepared (X, Y, Z) volume, slice by slice along Z, each slice resized to the window.
+
+        As the TransUNet/Synapse test code (``utils.test_single_volume``): ``scipy.ndimage.zoom`` of the
+        float32 slice to the window (order 3), argmax of the network's logits, ``zoom`` of the labels
+        back (order 0). ``tta`` averages the logits over flips of the two slice axes.
+        """
+        from scipy.ndimage import zoom
+
+        size = tuple(self.config.window)
+        if device is None:
+            device = next(self.net.parameters()).device
+        slices = np.moveaxis(volume, -1, 0)
+        if self.config.transpose_slices:
+            slices = slices.transpose(0, 2, 1)
+        shape = slices.shape[1:]
+        labels = np.zeros(slices.shape, dtype=np.uint8 if self.num_classes <= 256 else np.int16)
+        flips = [(2,), (3,), (2, 3)] if tta else []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(slices), desc="slices", unit="slice", leave=False)
+        for start in range(0, len(slices), batch):
+            chunk = slices[start: start + batch].astype(np.float32, copy=False)
+            if shape != size:
+                chunk = np.stack([zoom(s, (size[0] / shape[0], size[1] / shape[1]), order=3) for s in chunk])
+            x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))[:, None].to(device)
+            logits = self.net(x).float()
+            for axes in flips:
+                logits += torch.flip(self.net(torch.flip(x, axes)).float(), axes)
+            pred = logits.argmax(1).cpu().numpy()
+            for i, p in enumerate(pred):
+                labels[start + i] = p if shape == size else zoom(p, (shape[0] / size[0], shape[1] / size[1]), order=0)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        if self.config.transpose_slices:
+            labels = labels.transpose(0, 2, 1)
+        return np.ascontiguousarray(np.moveaxis(labels, 0, -1))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision.errors import ConfigError
-from vision.hub import register_model
+from vision.hub import HubError, register_model, register_official
 from vision.tokens import Tokens, TokenSpec
 
 from .quantizers import GroupQuantizer, QuantizerOutput
@@ -498,3 +498,20 @@ def discriminator_from_official(checkpoint: dict):
         raise ValueError(f"official checkpoint lacks {prefix + missing[0]!r}")
     disc.load_state_dict(disc_state)
     return disc
+
+
+def recognise_official(obj: Any) -> bool:
+    """An official WeTok Lightning checkpoint (``WeTok.ckpt``): WeTok's encoder and its AdaGN decoder."""
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    return (isinstance(state, dict) and "encoder.conv_in.weight" in state and "decoder.conv_in.weight" in state
+            and any(k.startswith("decoder.adaptive.") for k in state))
+
+
+def _load_official(obj: dict, path) -> WeTok:
+    try:
+        return from_official(obj)
+    except ValueError as e:
+        raise HubError(f"{getattr(path, 'name', path)}: {e}") from None
+
+
+register_official("wetok", kind="tokenizer", recognise=recognise_official, load=_load_official)

@@ -282,6 +282,12 @@ def load_official_state_dict(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise HubError(f"checkpoint {path} does not exist")
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if head != b"\x80" and not zipfile.is_zipfile(path):  # torch.save writes a zip archive (legacy: a pickle)
+        raise HubError(f"{path}: not a readable PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
     try:
         with torch.serialization.safe_globals(released_checkpoint_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -324,6 +330,41 @@ def official_importers(kind: str | None = None) -> dict[str, OfficialImporter]:
     return {n: i for n, i in _IMPORTERS.items() if kind is None or i.kind == kind}
 
 
+_FOLDER_IMPORTERS: dict[str, OfficialImporter] = {}
+
+
+def register_official_folder(name: str, *, kind: str, recognise, load) -> None:
+    """Register an importer of released result *folders* (e.g. nnU-Net's plans.json + fold_N/ layout).
+
+    recognise(path) says whether a folder (one without Tessera's config.json) is of this family,
+    looking only at file names; load(path, **options) returns the model, raising HubError with one
+    line for a folder it recognised but cannot use (a missing file or fold). `resolve_model` passes
+    its keyword options (e.g. ``folds``) to load.
+    """
+    _FOLDER_IMPORTERS[name] = OfficialImporter(name, kind, recognise, load)
+
+
+def official_folder_importers(kind: str | None = None) -> dict[str, OfficialImporter]:
+    _import_model_packages()
+    return {n: i for n, i in _FOLDER_IMPORTERS.items() if kind is None or i.kind == kind}
+
+
+def load_official_folder(path: str | os.PathLike, *, kind: str | None = None, **options: Any) -> nn.Module:
+    """Load a released result folder through the first registered folder importer that recognises it."""
+    path = Path(path)
+    importers = official_folder_importers(kind)
+    for importer in importers.values():
+        try:
+            ok = importer.recognise(path)
+        except OSError:
+            ok = False
+        if ok:
+            return importer.load(path, **options).eval()
+    tried = ", ".join(sorted(importers)) or "none registered"
+    raise HubError(f"{path}: not a save_pretrained folder (no {CONFIG_NAME}) and not a result folder of any family "
+                   f"Tessera imports (tried: {tried})")
+
+
 def load_official(path: str | os.PathLike, *, kind: str | None = None) -> nn.Module:
     """Load a released checkpoint file through the first registered importer that recognises it."""
     path = Path(path)
@@ -342,12 +383,20 @@ def load_official(path: str | os.PathLike, *, kind: str | None = None) -> nn.Mod
 
 
 def resolve_model(name_or_path: str | os.PathLike, *, kind: str | None = None,
-                  device: str | torch.device = "cpu") -> nn.Module:
+                  device: str | torch.device = "cpu", **options: Any) -> nn.Module:
     """The one rule every app uses for --model/--tokenizer/--vae: a shipped name, a save_pretrained folder
-    (or its .safetensors), or a released checkpoint file recognised by a family importer."""
+    (or its .safetensors), a released checkpoint file recognised by a family importer, or a released
+    result folder (no config.json) recognised by a folder importer. `options` (e.g. nnU-Net's ``folds``)
+    go to a folder importer; given for anything else they are refused."""
     path = Path(name_or_path)
+    folder = path.is_dir() and not (path / CONFIG_NAME).is_file()
+    if options and not folder:
+        raise HubError(f"{name_or_path}: {', '.join(sorted(options))} only apply to a released result folder "
+                       "(such as an nnU-Net training output folder)")
     if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
         model = load_official(path, kind=kind)
+    elif folder:
+        model = load_official_folder(path, kind=kind, **options)
     elif path.is_dir() or (path.suffix == ".safetensors" and path.is_file()):
         model = from_pretrained(path)
     elif path.exists():

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from vision.decoders.edsr import EDSR, EDSRConfig
 from vision.decoders.rdn import RDN, RDN_PRESETS, RDNConfig
 from vision.errors import ConfigError
-from vision.hub import HubError, check_state_dict, load_official_state_dict, register_model
+from vision.hub import HubError, check_state_dict, load_official_state_dict, register_model, register_official
 
 DEFAULT_CHUNK = 30000  # queries per MLP batch; official `eval_bsize`
 GRID_CHUNK = 16384  # queries decoded at once when rendering (x4 ensemble members): amortises the Python per chunk
@@ -681,3 +681,13 @@ def from_official(checkpoint: dict | str | os.PathLike) -> LIIF:
     check_state_dict(model.state_dict(), spec["sd"], "official LIIF checkpoint")
     model.load_state_dict(spec["sd"], strict=True)
     return model.eval()
+
+
+def recognise_official(obj: Any) -> bool:
+    """yinboc/liif's release layout: ``{'model': {'name': 'liif', 'args': ..., 'sd': ...}}``
+    (edsr-baseline-liif.pth, rdn-liif.pth and the training script's epoch-*.pth)."""
+    spec = obj.get("model", obj) if isinstance(obj, dict) else None
+    return isinstance(spec, dict) and spec.get("name") == "liif" and isinstance(spec.get("sd"), dict)
+
+
+register_official("liif", kind="decoder", recognise=recognise_official, load=lambda obj, path: from_official(obj))

@@ -28,10 +28,11 @@ PathLike = str | os.PathLike
 
 
 def load_tokenizer(spec: PathLike, device: torch.device | str = "cpu") -> nn.Module:
-    """A model with encode()/decode() by shipped name or save_pretrained folder, in eval mode."""
-    from vision.hub import from_pretrained
+    """A model with encode()/decode(): a shipped name, a save_pretrained folder or a released tokenizer file
+    (vision.hub.resolve_model), in eval mode."""
+    from vision.hub import resolve_model
 
-    model = from_pretrained(spec, device=device)
+    model = resolve_model(spec, kind="tokenizer", device=device)
     if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
         raise EvaluationInputError(f"--tokenizer {spec} is a {type(model).__name__}, which has no encode()/decode()")
     return model.eval()
@@ -57,7 +58,8 @@ def rfid_of_tokenizer(tokenizer: PathLike | nn.Module, data: PathLike, *, image_
                       runner: Runner | None = None) -> Figures:
     """{"fid", "psnr", "ssim", "lpips" (when its backbone is found), "n_real", "n_fake"}.
 
-    tokenizer: a shipped name, a save_pretrained folder or a loaded model with encode()/decode().
+    tokenizer: a shipped name, a save_pretrained folder, a released tokenizer file (WeTok.ckpt, vq_ds16_c2i.pt,
+        ...) or a loaded model with encode()/decode().
     num: score `num` images evenly spaced in sorted order instead of all. features / inception: the
     FID network, as in `fid_from_folders`.
     """
