@@ -80,7 +80,8 @@ def parse(argv):
     p.add_argument("--n", type=int, default=None, help="number of samples of an unconditional model")
     p.add_argument("--batch-size", type=int, default=16, help="samples generated together")
     g = p.add_argument_group("sampling (defaults: the model family's)")
-    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (1 = off; VAR: the ratio its ramp reaches at the last scale, 0 = off)")
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus mass (1 = all)")

@@ -40,6 +40,13 @@ def parse(argv):
     p.add_argument("--warmup-steps", type=argtypes.non_negative_int, default=None, help="linear warm-up steps (default: the family's)")
     p.add_argument("--grad-clip", type=argtypes.non_negative_float, default=None, help="gradient-norm clip, 0 = off (default: the family's)")
     p.add_argument("--fsdp", action="store_true", help="shard the model over the processes (torch FSDP2)")
+    d = p.add_argument_group("scales and distillation (VAR; CoDe's specialised fine-tuning)")
+    d.add_argument("--train-scales", metavar="A:B", default=None,
+                   help="train on scales A..B-1 only (0-based; CoDe: the drafter 0:N, the refiner N:K)")
+    d.add_argument("--teacher", metavar="MODEL", default=None,
+                   help="distil from MODEL (same family and tokens): alpha KL(teacher || model) T^2 + (1 - alpha) CE")
+    d.add_argument("--distill-alpha", type=float, default=0.5, help="alpha of --teacher (CoDe: 0.5)")
+    d.add_argument("--distill-temperature", type=argtypes.positive_float, default=1.0, help="T of --teacher (CoDe: 1)")
     p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its index.json "
                    "entry (command, time, and the family's digit metrics when the tokens are MNIST-5k's)")
     add_train_args(p, batch_size=64, max_steps=2000, checkpoint_every=500, log_every=20)
@@ -103,6 +110,7 @@ def main(argv=None) -> int:
         trainer = Trainer(config, cache)
     except ValueError as e:
         raise UserError(str(e)) from None
+    _scales_and_teacher(model, args, trainer.device)
     opt = torch.optim.AdamW(param_groups(model, hp["weight_decay"]), lr=hp["lr"], betas=tuple(hp["betas"]))
     warm = hp["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -140,6 +148,36 @@ def main(argv=None) -> int:
                                  metrics_protocol=protocol)
         print(f"shipped as {args.ship}: weights/{entry['file']}")
     return 0
+
+
+def _scales_and_teacher(model, args, device) -> None:
+    """--train-scales A:B and --teacher MODEL, for families that support them (VAR)."""
+    if args.train_scales is not None:
+        if not hasattr(model, "set_train_scales"):
+            raise UserError(f"--train-scales is for multi-scale generators (VAR), not {type(model).__name__}")
+        start, _, stop = args.train_scales.partition(":")
+        try:
+            start, stop = int(start), int(stop)
+        except ValueError:
+            raise UserError(f"--train-scales: expected A:B (e.g. 0:4), got {args.train_scales!r}") from None
+        try:
+            model.set_train_scales(start, stop)
+        except ValueError as e:
+            raise UserError(f"--train-scales: {e}") from None
+    if args.teacher is not None:
+        if not hasattr(model, "set_teacher"):
+            raise UserError(f"--teacher is for generators with a distillation loss (VAR), not {type(model).__name__}")
+        if not 0.0 <= args.distill_alpha <= 1.0:
+            raise UserError(f"--distill-alpha must lie in [0, 1], got {args.distill_alpha}")
+        from generators.pipeline import load_generator
+
+        teacher = load_generator(args.teacher, device)
+        if getattr(model, "needs_tokenizer", False):
+            teacher.bind_tokenizer(model.tokenizer)
+        try:
+            model.set_teacher(teacher, temperature=args.distill_temperature, alpha=args.distill_alpha)
+        except ValueError as e:
+            raise UserError(f"--teacher {args.teacher}: {e}") from None
 
 
 class FamilyLoss(torch.nn.Module):

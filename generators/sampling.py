@@ -142,7 +142,8 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | No
     if top_k is not None and top_k != 0:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-        filtered = filtered.masked_fill(_top_k_mask(filtered, int(top_k)), -math.inf)
+        if top_k < filtered.shape[-1]:  # k >= the vocabulary keeps every token: skip the full top-k
+            filtered = filtered.masked_fill(_top_k_mask(filtered, int(top_k)), -math.inf)
     if top_p is not None:
         if not 0.0 <= top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {top_p}")

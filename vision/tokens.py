@@ -149,6 +149,11 @@ class GenerationStats:
 
     nfe: forward passes of the (target) model; draft_nfe: of the draft model.
     accepted_per_iter: tokens accepted in each iteration (speculative samplers).
+    refiner_nfe: forward passes of a second model that takes over (CoDe's refiner; nfe counts the drafter's).
+    per_model_time_s / per_model_peak_memory_mb: a two-model sampler's time and peak memory (CUDA only) by
+    model role (e.g. "drafter", "refiner").
+    residual_tries / rejected_tokens: target proposals drawn to resample rejected drafts, and how many drafts
+    were rejected (CSpD's exact residual step).
     """
 
     nfe: int = 0
@@ -156,6 +161,11 @@ class GenerationStats:
     accepted_per_iter: list[int] = field(default_factory=list)
     wall_time_s: float = 0.0
     peak_memory_mb: float = 0.0
+    refiner_nfe: int = 0
+    per_model_time_s: dict[str, float] = field(default_factory=dict)
+    per_model_peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    residual_tries: int = 0
+    rejected_tokens: int = 0
 
     @property
     def mean_accepted(self) -> float:
