@@ -640,7 +640,11 @@ class MultiScaleVQVAE(nn.Module):
         return Tokens(self.spec, scale_ids=self.quantize.encode(self.latents(images)))
 
     def decode(self, tokens: Tokens) -> Tensor:
-        """Images clamped to [-1, 1] (official ``fhat_to_img``) from the ids of every scale."""
+        """Images clamped to [-1, 1] (official ``fhat_to_img``) from the ids of every scale, or from
+        ``tokens.latents`` when given: the accumulated f_hat a sampler produced itself (VAR's ``more_smooth``
+        Gumbel-softmax mixes codes, so its f_hat is not the sum of the hard ids' codes)."""
+        if tokens.latents is not None:
+            return self.fhat_to_images(tokens.latents)
         if tokens.scale_ids is None:
             raise ValueError("VAR's VQVAE decodes Tokens with scale_ids (one id map per scale)")
         return self.fhat_to_images(self.scales_to_fhat(tokens.scale_ids))

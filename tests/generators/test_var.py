@@ -290,6 +290,9 @@ def test_scale_temperature_and_more_smooth_options(model):
     assert tokens.latents is not None and tokens.latents.shape == (2, 8, 4, 4)
     hard = model.tokenizer.scales_to_fhat(tokens.scale_ids)
     assert (tokens.latents - hard).abs().max() > 1e-3  # the smooth sum is not the hard tokens' f_hat
+    # the VQVAE decodes the smooth f_hat it is given, not the hard ids
+    assert torch.equal(model.tokenizer.decode(tokens), model.tokenizer.fhat_to_images(tokens.latents))
+    assert not torch.equal(model.tokenizer.decode(tokens), model.tokenizer.fhat_to_images(hard))
     with pytest.raises(ValueError, match="more-smooth must be one of"):
         model.generate(labels, more_smooth=2)
 
