@@ -45,7 +45,7 @@ def parse(argv):
                    help="train on scales A..B-1 only (0-based; CoDe: the drafter 0:N, the refiner N:K)")
     d.add_argument("--teacher", metavar="MODEL", default=None,
                    help="distil from MODEL (same family and tokens): alpha KL(teacher || model) T^2 + (1 - alpha) CE")
-    d.add_argument("--distill-alpha", type=float, default=0.5, help="alpha of --teacher (CoDe: 0.5)")
+    d.add_argument("--distill-alpha", type=argtypes.fraction, default=0.5, help="alpha of --teacher, in [0, 1] (CoDe: 0.5)")
     d.add_argument("--distill-temperature", type=argtypes.positive_float, default=1.0, help="T of --teacher (CoDe: 1)")
     p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its index.json "
                    "entry (command, time, and the family's digit metrics when the tokens are MNIST-5k's)")
