@@ -190,7 +190,7 @@ def test_train_generator_fine_tunes_a_refiner_on_its_scales_with_distillation(sa
     bad = {"--train-scales: expected A:B": ["--train-scales", "2-4"],
            "--train-scales: train scales 3:9 must satisfy 0 <= A < B <= 4": ["--train-scales", "3:9"],
            "must share a VQVAE": ["--teacher", saved["other_vocab"]],
-           "--distill-alpha must lie in [0, 1]": ["--teacher", saved["drafter"], "--distill-alpha", "1.5"]}
+           "argument --distill-alpha: must be a number >= 0 and <= 1": ["--teacher", saved["drafter"], "--distill-alpha", "1.5"]}
     for i, (message, extra) in enumerate(bad.items()):
         assert train_exit(*base, "--out", tmp_path / f"bad{i}", *extra) == 2, message
         err = capsys.readouterr().err.strip().splitlines()
