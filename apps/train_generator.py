@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -120,9 +119,8 @@ def main(argv=None) -> int:
         return models["generator"](batch)
 
     phase = Phase("gen", "adamw", loss, models=("generator",), clip_grad_norm=hp["grad_clip"] or None)
-    start = time.perf_counter()
     trainer.fit([phase])
-    elapsed = time.perf_counter() - start
+    elapsed = trainer.train_seconds  # every session of the run, resumes included
     state = trainer.full_state_dict("generator")  # collective under FSDP
     if not trainer.dist.is_main:
         return 0

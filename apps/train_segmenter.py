@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -439,9 +438,8 @@ def main(argv=None) -> int:
     print(f"{len(train)} training cases{held}, {segmenter.num_classes} classes ({', '.join(segmenter.config.class_names)}), "
           f"spacing {spacing}, window {segmenter.config.window}, intensity {segmenter.config.intensity}, "
           f"{sum(p.numel() for p in segmenter.parameters()) / 1e6:.2f} M parameters", file=sys.stderr)
-    start = time.perf_counter()
     trainer.fit([Phase("dice_ce", "adamw", loss, models=("segmenter",), clip_grad_norm=12.0)])
-    elapsed = time.perf_counter() - start
+    elapsed = trainer.train_seconds  # every session of the run, resumes included
     if not trainer.dist.is_main:
         return 0
     final = trainer.final_model().eval()

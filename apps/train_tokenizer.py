@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -304,9 +303,8 @@ def main(argv=None) -> int:
         if t.dist.is_main:
             save_grid(t.final_model("tokenizer"), preview, Path(args.out) / f"recon_{t.step:07d}.png")
 
-    start = time.perf_counter()
     trainer.fit(phases, on_checkpoint=on_checkpoint)
-    elapsed = time.perf_counter() - start
+    elapsed = trainer.train_seconds  # every session of the run, resumes included
     if not trainer.dist.is_main:
         return 0
     final = trainer.final_model("tokenizer").eval()

@@ -39,8 +39,13 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     train(tmp_path / "full", "--noise", "--steps", "12", "--every", "3")
     killed = train(tmp_path / "cut", "--noise", "--steps", "12", "--every", "3", "--kill-at-step", "7", check=False)
     assert killed.returncode == -9
-    assert load_checkpoint(tmp_path / "cut/checkpoints/latest.pt")["step"] == 6
+    at_kill = load_checkpoint(tmp_path / "cut/checkpoints/latest.pt")
+    assert at_kill["step"] == 6 and at_kill["train_seconds"] > 0
     train(tmp_path / "cut", "--noise", "--steps", "12", "--every", "3", "--resume")
+    # the training time carries over the resume (what a shipped model's provenance reports)
+    times = {json.loads(l)["step"]: json.loads(l)["time_s"] for l in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()}
+    assert times[7] > at_kill["train_seconds"]
+    assert load_checkpoint(tmp_path / "cut/checkpoints/latest.pt")["train_seconds"] >= times[12]
     assert_same_weights(final(tmp_path / "full"), final(tmp_path / "cut"))
     steps = [json.loads(l)["step"] for l in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13)), "metrics lines after the checkpoint must be dropped on resume"

@@ -155,6 +155,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
+        self.train_seconds = 0.0  # wall time spent in fit() over the whole run, resumed sessions included
         self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp == "fp16" and self.device.type == "cuda")
 
     @property
@@ -233,7 +234,7 @@ class Trainer:
             rngs = [rng_state()]
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "world_size": self.dist.world_size,
+            "train_seconds": self.train_seconds, "world_size": self.dist.world_size,
             "config": asdict(self.config),
             # sharded runs keep models and optimizers in a torch.distributed.checkpoint folder beside this file
             "models": None if self.sharded else {k: m.state_dict() for k, m in self.raw.items()},
@@ -285,6 +286,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.train_seconds = float(state.get("train_seconds", self._logged_seconds()))
         self.run.saved_step = self.step
         set_rng_state(state["rng"][self.dist.rank])
         if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the checkpoint
@@ -322,7 +324,7 @@ class Trainer:
         bar = progress(total=c.max_steps, initial=self.step, quiet=c.quiet, desc="train")
         last: dict[str, float] = {}
         window: dict[str, list[float]] = {}
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), self.train_seconds
         try:
             while self.step < c.max_steps:
                 micro = [_to_device(next(batches), self.device) for _ in range(c.grad_accum)]
@@ -334,10 +336,11 @@ class Trainer:
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(v)
                 bar.update(1)
+                self.train_seconds = before + time.perf_counter() - t0
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
                     last = {k: sum(v) / len(v) for k, v in window.items()}
                     window = {}
-                    self.log(last, time.perf_counter() - t0)
+                    self.log(last, self.train_seconds)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:4]})
                 if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
                     self.save()
@@ -390,6 +393,16 @@ class Trainer:
         return {k: float(v) for k, v in totals.items()}
 
     # ------------------------------------------------------------------ logging
+
+    def _logged_seconds(self) -> float:
+        """A checkpoint from before `train_seconds` was stored: the last time logged at or before its step."""
+        seconds = 0.0
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                row = json.loads(line) if line.strip() else {}
+                if row.get("step", self.step + 1) <= self.step and "time_s" in row:
+                    seconds = float(row["time_s"])
+        return seconds
 
     def log(self, metrics: dict[str, float], elapsed: float | None = None) -> None:
         """Append one JSONL line for the current step (rank 0 only); trainers log validation figures here."""
