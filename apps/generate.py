@@ -246,7 +246,7 @@ def _load_second_model(name: str, device, pipe):
     from generators.pipeline import check_pair, load_generator
 
     other = load_generator(name, device)
-    check_pair(other, pipe.tokenizer, f"(the tokenizer of {name})")
+    check_pair(other, pipe.tokenizer, "(the main model's, which a draft or refiner must share)", name)
     other.bind_tokenizer(pipe.tokenizer)
     return other
 

@@ -37,14 +37,18 @@ def load_tokenizer_for(generator: GeneratorModel, tokenizer: str | os.PathLike |
     return tok
 
 
-def check_pair(generator: GeneratorModel, tokenizer: Any, tokenizer_name: str) -> None:
+def describe_spec(s) -> str:
+    return (f"{s.kind} tokens, vocabulary {s.vocab_size}" if s.kind == "discrete"
+            else f"{s.kind} tokens, {s.channels} channels") + f", /{s.downsample}" + (
+            f", {s.groups} groups" if s.groups > 1 else "") + (f", scales {s.scales}" if s.scales else "")
+
+
+def check_pair(generator: GeneratorModel, tokenizer: Any, tokenizer_name: str, generator_name: str = "the generator"
+               ) -> None:
     g, t = generator.spec, tokenizer.spec
     if not compatible(g, t):
-        def say(s):
-            return (f"{s.kind} tokens, vocabulary {s.vocab_size}" if s.kind == "discrete"
-                    else f"{s.kind} tokens, {s.channels} channels") + f", /{s.downsample}" + (
-                    f", {s.groups} groups" if s.groups > 1 else "") + (f", scales {s.scales}" if s.scales else "")
-        raise HubError(f"the generator emits {say(g)} but tokenizer {tokenizer_name} reads {say(t)}")
+        raise HubError(f"{generator_name} emits {describe_spec(g)} but tokenizer {tokenizer_name} reads "
+                       f"{describe_spec(t)}")
 
 
 @dataclass

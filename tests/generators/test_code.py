@@ -150,7 +150,7 @@ def test_apps_generate_runs_code_and_refuses_bad_arguments_in_one_line(saved, tm
         "--draft-steps must lie in 1..4": ["--refiner", saved["refiner"], "--draft-steps", 5],
         "--draft-steps must be >= 1": ["--refiner", saved["refiner"], "--draft-steps", 0],
         "must share a VQVAE": ["--refiner", saved["other_vae"], "--draft-steps", 2],
-        "the generator emits": ["--refiner", saved["other_vocab"], "--draft-steps", 2],
+        "which a draft or refiner must share": ["--refiner", saved["other_vocab"], "--draft-steps", 2],
         "needs --refiner": ["--draft-steps", 2],
     }
     for message, extra in bad.items():
