@@ -17,7 +17,14 @@ table at 16 steps only).
 The headline setting is 16 steps, 3 cheap steps per full step, `group_order="confidence"`, at the
 model's sampling defaults (cfg 2, choice temperature 2, temperature 1).
 
-The MAR figures (`mar_speedup`, `mar_fd_plain`, `mar_fd_recap`) wait for the MAR family.
+MAR (`mar_*`, on the shipped `mar-mnist` at its sampling defaults: 16 steps, 25 ddim-spaced diffusion
+steps, its cfg): ReCAP (generators/mar/recap.py) against MAR's plain sampling at the same steps, in the
+official runs' setting (`MAR_HEADLINE`: the first half of the steps full-only, then one cheap step per full
+step, the cheap steps' diffusion head at half its steps; on 16 steps 12 full passes and 4 cheap ones): `mar_speedup` (wall time, plain over ReCAP),
+`mar_flop_ratio` (counted as above, the diffusion head included), `mar_fd_plain`, `mar_fd_recap`,
+`mar_accuracy_plain`, `mar_accuracy_recap` (100 samples per digit; --quick: 20), and without --quick
+`mar_fd_noise` and the table `mar_c{num_cache_iters}_p{pre_full_iters}_r{diff_fast_ratio x 100}_{speedup,
+flop_ratio,fd,accuracy}` (`MAR_TABLE`).
 """
 from __future__ import annotations
 
@@ -84,9 +91,56 @@ def _quality(model, tokenizer, run, per_class: int) -> tuple[float, float]:
     return q["fd"], q["accuracy"]
 
 
-@benchmark("recap", "ReCAP vs MaskGIT's plain decoding on maskgit-mnist: wall time, counted FLOPs, FD, accuracy")
+MAR_MODEL = "mar-mnist"
+HALF = "half"  # pre_full_iters = steps // 2, as ReCAP's MAR scripts run
+MAR_HEADLINE = {"num_cache_iters": 1, "pre_full_iters": HALF, "diff_fast_ratio": 0.5}
+# (num_cache_iters, pre_full_iters, diff_fast_ratio), without --quick
+MAR_TABLE = ((1, 0, 0.5), (3, 0, 0.5), (1, HALF, 1.0), (3, HALF, 0.5))
+
+
+def measure_mar(model, tokenizer, quick: bool, quality=None) -> dict[str, float]:
+    """The `mar_*` figures of `model` (its own sampling defaults: steps, diffusion steps, cfg). `quality(model,
+    tokenizer, run, per_class=) -> {"fd", "accuracy"}` replaces the digit classifier (tests)."""
+    from apps.benchmarks.sampler_harness import SamplerRun, digit_quality, time_samplers
+
+    quality = quality or (lambda m, t, run, per_class, seed=0: digit_quality(m, t, run, per_class=per_class, seed=seed))
+    per_class, repeats = (20, 3) if quick else (100, 5)
+    timing_labels = torch.arange(10).repeat(2 if quick else 5)
+    steps = model.sampling_options("plain")["steps"]
+    headline = {**MAR_HEADLINE, "pre_full_iters": steps // 2}
+    plain = SamplerRun("plain", "plain", {})
+    runs = [plain, SamplerRun("recap", "recap", headline)]
+    for c, p, r in () if quick else MAR_TABLE:
+        p = steps // 2 if p == HALF else p
+        runs.append(SamplerRun(f"mar_c{c}_p{p}_r{round(r * 100)}", "recap",
+                               {"num_cache_iters": c, "pre_full_iters": p, "diff_fast_ratio": r}))
+    walls = time_samplers(model, runs, timing_labels, repeats=repeats)
+    flops = {run.name: counted_flops(model, timing_labels, run.sampler, run.options) for run in runs}
+    scores = {run.name: quality(model, tokenizer, run, per_class=per_class) for run in runs}
+    figures = {"mar_steps": steps, **{f"mar_{k}": v for k, v in headline.items()},
+               "mar_speedup": walls["plain"]["wall_s"] / walls["recap"]["wall_s"],
+               "mar_flop_ratio": flops["plain"] / flops["recap"],
+               "mar_plain_wall_s": walls["plain"]["wall_s"], "mar_recap_wall_s": walls["recap"]["wall_s"]}
+    for name in ("plain", "recap"):
+        figures[f"mar_fd_{name}"], figures[f"mar_accuracy_{name}"] = scores[name]["fd"], scores[name]["accuracy"]
+    if not quick:
+        import statistics
+
+        noise = [scores["plain"]["fd"]] + [quality(model, tokenizer, plain, per_class=per_class, seed=1000 + s)["fd"]
+                                           for s in range(2)]
+        figures["mar_fd_noise"] = statistics.stdev(noise)
+        for run in runs[2:]:
+            figures[f"{run.name}_speedup"] = walls["plain"]["wall_s"] / walls[run.name]["wall_s"]
+            figures[f"{run.name}_flop_ratio"] = flops["plain"] / flops[run.name]
+            figures[f"{run.name}_fd"], figures[f"{run.name}_accuracy"] = scores[run.name]["fd"], scores[run.name]["accuracy"]
+    return {k: float(v) for k, v in figures.items()}
+
+
+@benchmark("recap", "ReCAP vs plain decoding on maskgit-mnist and mar-mnist: wall time, counted FLOPs, FD, accuracy")
 def run(quick: bool) -> dict[str, float]:
     from generators.pipeline import GenerationPipeline
 
     pipe = GenerationPipeline.load("maskgit-mnist")
-    return measure(pipe.generator, pipe.tokenizer, quick)
+    figures = measure(pipe.generator, pipe.tokenizer, quick)
+    mar = GenerationPipeline.load(MAR_MODEL)
+    return {**figures, **measure_mar(mar.generator, mar.tokenizer, quick)}

@@ -36,6 +36,7 @@ inverted by the fixed-point iteration y <- sqrt(abar_0) x + sqrt(1 - abar_0) eps
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -280,7 +281,9 @@ def final_map_log_det(diffusion: GaussianDiffusion, predict_one: Callable[..., T
     def eps(y: Tensor, *row: Tensor) -> Tensor:
         return predict_one(y, t0, *row)[:C]
 
-    jac = vmap(jacfwd(eps), in_dims=(0,) + (0,) * len(per_row))(y1, *per_row)  # (M, C, C)
+    with warnings.catch_warnings():  # torch's forward-mode AD loads its decompositions through torch.jit.script
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        jac = vmap(jacfwd(eps), in_dims=(0,) + (0,) * len(per_row))(y1, *per_row)  # (M, C, C)
     eye = torch.eye(C, dtype=y1.dtype, device=y1.device)
     j = c1 * (a * eye - b * jac) + c2 * eye
     return torch.linalg.slogdet(j.double())[1]

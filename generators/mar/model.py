@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from generators.base import GeneratorModel, per_sample_rand, register_preset
 from generators.mar.diffusion import GaussianDiffusion
 from vision.hub import register_model
-from vision.nn import MLP, Attention
+from vision.nn import MLP, Attention, KVCache
 from vision.tokens import TokenSpec
 
 
@@ -104,8 +104,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=proj_dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                update_cache: bool = True) -> Tensor:
+        """cache (ReCAP, generators/mar/recap.py): x's keys/values are appended to it (update_cache) or, not
+        written, follow the cached ones during this call only; x attends to all of them."""
+        x = x + self.attn(self.norm1(x), mask=mask, cache=cache, update_cache=update_cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -289,6 +292,10 @@ class MAR(GeneratorModel):
         options = super().sampling_options(sampler, **given)
         if options["top_k"] != 0 or options["top_p"] != 1.0:
             raise ValueError("MAR samples continuous tokens: top-k / top-p do not apply (leave them at 0 / 1)")
+        if sampler == "recap":
+            from generators.mar.recap import check_options
+
+            check_options(options)
         return options
 
     def patchify(self, latents: Tensor) -> Tensor:
@@ -348,6 +355,61 @@ class MAR(GeneratorModel):
         x = self.decoder_norm(x)
         return x[:, buf:] + self.diffusion_pos_embed_learned
 
+    # ------------------------------------------------------------------ ReCAP (generators/mar/recap.py)
+
+    def forward_full(self, tokens: Tensor, visible: Tensor, class_embedding: Tensor,
+                     group: Tensor) -> tuple[Tensor, "MARCache"]:
+        """`forward` (every row keeping as many tokens), plus the context a cheap step reads: each encoder
+        layer's keys/values of the known tokens (not the buffer, which every cheap step recomputes) and each
+        decoder layer's keys/values of the positions outside `group` (R, N), the ones the cheap steps feed."""
+        c = self.config
+        R, N, _ = tokens.shape
+        buf = c.buffer_size
+        keep = torch.cat([visible.new_ones(R, buf), visible.bool()], dim=1)
+        width = _equal_count(keep, "known tokens")
+        x = self.z_proj(tokens)
+        x = torch.cat([class_embedding[:, None].expand(R, buf, -1).to(x.dtype), x], dim=1)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)[keep].reshape(R, width, -1)
+        encoder = [KVCache() for _ in self.encoder_blocks]
+        for block, cache in zip(self.encoder_blocks, encoder):
+            x = block(x, cache=cache)
+        x = self.decoder_embed(self.encoder_norm(x))
+        full = self.mask_token.to(x.dtype).expand(R, N + buf, -1).clone()
+        full[keep] = x.reshape(-1, x.shape[-1])
+        x = full + self.decoder_pos_embed_learned
+        decoder = [KVCache() for _ in self.decoder_blocks]
+        for block, cache in zip(self.decoder_blocks, decoder):
+            x = block(x, cache=cache)
+        z = self.decoder_norm(x)[:, buf:] + self.diffusion_pos_embed_learned
+        known = keep.new_ones(R, width)  # the encoder ran on the buffer and the known tokens only
+        known[:, :buf] = False
+        outside = torch.cat([keep.new_zeros(R, buf), ~group.bool()], dim=1)
+        return z, MARCache([_select(k, known) for k in encoder], [_select(k, outside) for k in decoder])
+
+    def forward_cheap(self, tokens: Tensor, visible: Tensor, positions: Tensor, class_embedding: Tensor,
+                      cache: "MARCache") -> Tensor:
+        """z (R, n, decoder_dim) of the group's positions (R, n) holding `tokens` (R, n, D), of which `visible`
+        are decoded: the buffer and those tokens run through the encoder, the buffer and all n positions through
+        the decoder, as the only queries; every other position's keys/values are read from `cache` (unchanged)."""
+        c = self.config
+        R, n, _ = tokens.shape
+        buf = c.buffer_size
+        index = torch.cat([torch.arange(buf, device=positions.device).expand(R, buf), positions + buf], dim=1)
+        keep = torch.cat([visible.new_ones(R, buf), visible.bool()], dim=1)
+        width = _equal_count(keep, "decoded tokens")
+        x = self.z_proj(tokens)
+        x = torch.cat([class_embedding[:, None].expand(R, buf, -1).to(x.dtype), x], dim=1)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[0, index])[keep].reshape(R, width, -1)
+        for block, kv in zip(self.encoder_blocks, cache.encoder):
+            x = block(x, cache=kv, update_cache=False)
+        x = self.decoder_embed(self.encoder_norm(x))
+        full = self.mask_token.to(x.dtype).expand(R, n + buf, -1).clone()
+        full[keep] = x.reshape(-1, x.shape[-1])
+        x = full + self.decoder_pos_embed_learned[0, index]
+        for block, kv in zip(self.decoder_blocks, cache.decoder):
+            x = block(x, cache=kv, update_cache=False)
+        return self.decoder_norm(x)[:, buf:] + self.diffusion_pos_embed_learned[0, positions]
+
     # ------------------------------------------------------------------ training
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -392,6 +454,34 @@ class MAR(GeneratorModel):
             mse = float((terms["mse"] * weight).sum() / weight.sum())
             vb = float((terms["vb"] * weight).sum() / weight.sum())
         return loss, {"mse": mse, "vb": vb, "mask_ratio": float(ratio.mean()), "masked_tokens": float(mask.sum())}
+
+
+@dataclass
+class MARCache:
+    """ReCAP's context for the cheap steps of one group: per encoder layer the keys/values of the tokens known at
+    the full step, per decoder layer those of every position outside the group (buffer left out of both)."""
+
+    encoder: list[KVCache]
+    decoder: list[KVCache]
+
+
+def _equal_count(keep: Tensor, what: str) -> int:
+    counts = keep.sum(dim=1)
+    width = int(counts[0]) if len(counts) else 0
+    if len(counts) and not bool((counts == width).all()):
+        raise ValueError(f"ReCAP needs every row to hold as many {what}")
+    return width
+
+
+def _select(cache: KVCache, keep: Tensor) -> KVCache:
+    """A new cache holding the entries of `cache` where keep (R, L) is True (as many in every row, in order)."""
+    k, v = cache.read()
+    R, H, _, Dh = k.shape
+    n = _equal_count(keep, "cached positions")
+    out = KVCache()
+    if n:
+        out.append(*(t.transpose(1, 2)[keep].reshape(R, n, H, Dh).transpose(1, 2) for t in (k, v)))
+    return out
 
 
 def truncated_normal_mask_ratio(u: Tensor, minimum: float, std: float = 0.25) -> Tensor:

@@ -13,10 +13,10 @@ from torch.distributions import Normal
 
 from generators.mar import continuous_speculative as cs
 from generators.mar.diffusion import final_map
-from generators.mar.model import MAR, MARConfig, diffusion_for
+from generators.mar.model import diffusion_for
 from generators.mar.plain import sample_latents
 from tests.helpers.distributions import energy_distance_permutation_test, ks_per_coordinate
-from tests.helpers.tiny_mar import TinyMAR
+from tests.helpers.tiny_mar import TinyMAR, random_mar
 from vision.tokens import GenerationStats
 
 N_SAMPLES = 20000
@@ -169,16 +169,7 @@ def test_windows_prefill_and_guidance_match_plain():
 
 
 def tiny_mar(seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = dict(num_classes=5, grid=(4, 4), downsample=4, channels=2, encoder_dim=32, encoder_depth=1,
-                  encoder_heads=4, decoder_dim=32, decoder_depth=1, decoder_heads=4, buffer_size=2, diffloss_width=32,
-                  diffloss_depth=2, attn_dropout=0.0, proj_dropout=0.0)
-    model = MAR(MARConfig(**{**config, **overrides}))
-    with torch.no_grad():  # MAR zero-initialises the head's modulation and output: give it something to say
-        for block in model.head.res_blocks:
-            block.adaLN_modulation[-1].weight.normal_(0, 0.05)
-        model.head.final_layer.linear.weight.normal_(0, 0.05)
-    return model.eval().double()
+    return random_mar(seed, depth=1, **overrides)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5])

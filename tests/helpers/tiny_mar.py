@@ -92,3 +92,21 @@ class TinyMAR(nn.Module):
         log_sigma = self.s + self.d * h
         v = self.v.expand_as(mu)
         return torch.cat([mu, log_sigma, v], dim=-1)
+
+
+def random_mar(seed: int = 0, depth: int = 1, **overrides):
+    """A tiny real MAR (4x4 grid of 2-channel tokens, width 32, `depth` encoder and decoder blocks) with seeded
+    random weights, in float64. MAR zero-initialises its head's modulation and output; these are drawn too, so
+    the head says something."""
+    from generators.mar.model import MARConfig
+
+    torch.manual_seed(seed)
+    config = dict(num_classes=5, grid=(4, 4), downsample=4, channels=2, encoder_dim=32, encoder_depth=depth,
+                  encoder_heads=4, decoder_dim=32, decoder_depth=depth, decoder_heads=4, buffer_size=2,
+                  diffloss_width=32, diffloss_depth=2, attn_dropout=0.0, proj_dropout=0.0)
+    model = MAR(MARConfig(**{**config, **overrides}))
+    with torch.no_grad():
+        for block in model.head.res_blocks:
+            block.adaLN_modulation[-1].weight.normal_(0, 0.05)
+        model.head.final_layer.linear.weight.normal_(0, 0.05)
+    return model.eval().double()
