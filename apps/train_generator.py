@@ -31,8 +31,8 @@ def parse(argv):
     names = presets()
     p = ArgumentParser(prog="python -m apps.train_generator", description=__doc__.split("\n\n")[0].split(" — ")[1],
                        epilog="presets: " + ", ".join(f"{n} ({f.architecture})" for n, (f, _, _) in sorted(names.items())))
-    p.add_argument("--model", required=True, help="a generator preset (listed below), or a save_pretrained folder to "
-                   "continue training from (a fresh schedule)")
+    p.add_argument("--model", required=True, help="a generator preset (listed below), or a shipped generator or "
+                   "save_pretrained folder to continue training from (a fresh schedule; a preset name wins)")
     p.add_argument("--tokens", required=True, help="a token cache made by apps.extract_tokens")
     p.add_argument("--lr", type=argtypes.positive_float, default=None, help="learning rate after warm-up (default: the family's)")
     p.add_argument("--weight-decay", type=argtypes.non_negative_float, default=None, help="AdamW weight decay on matrices (default: the family's)")
@@ -57,7 +57,11 @@ def build_model(name: str, cache):
     from generators.base import GeneratorModel, build_preset
     from vision.hub import HubError, from_pretrained
 
-    if Path(name).is_dir():
+    from generators.base import presets
+    from vision.hub import read_index
+
+    shipped = name not in presets() and read_index().get(name, {}).get("kind") == "generator"
+    if Path(name).is_dir() or shipped:  # trained weights to continue from (a preset name wins over a shipped one)
         model = from_pretrained(name)
         if not isinstance(model, GeneratorModel):
             raise UserError(f"{name} is not a generator")

@@ -1,8 +1,9 @@
 """Collaborative decoding (CoDe) against the large VAR alone, on the shipped MNIST models.
 
 The drafter `var-mnist` (6 blocks) samples alone with the plain sampler, and CoDe lets it draft the first N of
-the 6 scales (1, 2, 3, 4, 6, 8) before the refiner `var-mnist-small` (2 blocks) generates the rest
-(training-free CoDe: both models trained on all scales). Same labels, seeds and sampling settings (the
+the 6 scales (1, 2, 3, 4, 6, 8) before the refiner `var-mnist-refiner` (2 blocks) generates the rest. The
+refiner is CoDe's specialised one: `var-mnist-small` fine-tuned on scales 3..5 only with distillation from
+`var-mnist` (`--train-scales 3:6 --teacher var-mnist`; its index entry has the command). Same labels, seeds and sampling settings (the
 drafter's own defaults) for every run (apps/benchmarks/sampler_harness.py). For each N in DRAFT_STEPS:
 
 - `speedup_n{N}`: the large model's wall time over CoDe's for a batch of 100 digits (10 of each), the median of
@@ -35,7 +36,7 @@ import torch
 
 from apps.benchmarks import benchmark, peak_rss_mb
 
-DRAFTER, REFINER = "var-mnist", "var-mnist-small"
+DRAFTER, REFINER = "var-mnist", "var-mnist-refiner"
 DRAFT_STEPS = (3, 4, 5)
 
 
@@ -143,7 +144,7 @@ def measure(drafter: str = DRAFTER, refiner: str = REFINER, quick: bool = False,
     return figures
 
 
-@benchmark("code", "CoDe (var-mnist drafts N scales, var-mnist-small refines) vs var-mnist alone: speed, memory, FD")
+@benchmark("code", "CoDe (var-mnist drafts N scales, var-mnist-refiner refines) vs var-mnist alone: speed, memory, FD")
 def run(quick: bool) -> dict[str, float]:
     return measure(DRAFTER, REFINER, quick, device="cuda" if torch.cuda.is_available() else "cpu")
 

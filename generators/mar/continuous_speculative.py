@@ -74,15 +74,15 @@ independently (a sample's rejection does not discard another's accepted tokens).
 
 WHAT TO EXPECT. The acceptance rate is 1 - TV between the two models' trajectory laws, which are close only
 when the two networks agree at every denoising step. Measured on the shipped mar-mnist (target) and
-mar-mnist-small (draft), 16 steps, 25 ddim-spaced diffusion steps, cfg 2: about 15 % of drafted tokens
-accepted (about 50 % with the lossy `inner_temperature` 42). Two things then limit the speed, exact or not:
+mar-mnist-small (draft), 16 steps, 25 ddim-spaced diffusion steps, cfg 2 / 5: 15 % / 21 % of drafted tokens
+accepted (51 % / 79 % with the lossy `inner_temperature` 42). Two things then limit the speed, exact or not:
 1. a window passes a step only if every token of that step is accepted (four per step for 64 tokens in 16
    steps), so most windows end at their first slot and few target passes are saved;
 2. verifying a token evaluates the target's head on every state of its trajectory -- the same computation
    as the target sampling the token itself, only batched instead of sequential -- and the draft runs its
    own head as well. CSpD saves encoder/decoder passes, never head FLOPs: where the head dominates (these
    small models on a CPU) it is slower than plain sampling even with an identical draft that is always
-   accepted (6.7 s against 2.7 s for 20 images, one thread). The batching pays where the head's sequential
+   accepted (6.7 s against 2.7 s for 20 images at cfg 2, one thread). The batching pays where the head's sequential
    steps are latency-bound (small batches on a GPU).
 Under MAR's own even spacing, the first step (t = 999, abar = 2.4e-9) multiplies each network's noise
 error by ~10^4, so two networks that are not accurate to ~1e-4 there disagree by many standard deviations

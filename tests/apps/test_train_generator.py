@@ -121,3 +121,17 @@ def test_bad_input(tokens, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flag, proc.stderr[-2000:])
         assert not (tmp_path / "x").exists()
+
+
+def test_model_continues_from_a_shipped_generator_but_a_preset_name_wins(tokens):
+    """--model ar-mnist (shipped, not a preset) starts from its weights; a preset name builds a fresh model."""
+    from apps.train_generator import build_model
+    from generators.base import presets
+    from vision.hub import from_pretrained
+
+    cache = TokenCache(tokens)
+    assert "ar-mnist" not in presets()
+    model, shipped = build_model("ar-mnist", cache), from_pretrained("ar-mnist")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), shipped.state_dict().values()))
+    fresh = build_model("llamagen-gpt-mnist", cache)
+    assert not torch.equal(next(iter(fresh.state_dict().values())), next(iter(shipped.state_dict().values())))
