@@ -15,7 +15,7 @@ table at 16 steps only).
   fixed order), against plain at the same steps (c0 is plain itself).
 
 The headline setting is 16 steps, 3 cheap steps per full step, `group_order="confidence"`, at the
-model's sampling defaults (cfg 2, choice temperature 2, temperature 1).
+model's sampling defaults (cfg 1.5, choice temperature 4.5, temperature 1).
 
 MAR (`mar_*`, on the shipped `mar-mnist` at its sampling defaults: 16 steps, 25 ddim-spaced diffusion
 steps, its cfg): ReCAP (generators/mar/recap.py) against MAR's plain sampling at the same steps, in the

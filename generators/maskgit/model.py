@@ -272,6 +272,6 @@ def _sized(dim: int, depth: int, heads: int, **extra):
 
 register_preset("maskgit-uvit", MaskGIT, _sized(768, 24, 8),
                 "U-ViT MaskGIT as ReCAP evaluates it: width 768, 24 blocks + mid, 8 heads, long skips")
-register_preset("maskgit-mnist", MaskGIT, _sized(128, 4, 4, default_cfg=2.0, default_choice_temperature=2.0),
+register_preset("maskgit-mnist", MaskGIT, _sized(128, 4, 4, default_cfg=1.5, default_choice_temperature=4.5),
                 "small U-ViT MaskGIT for MNIST tokens: width 128, 4 blocks + mid, 4 heads, long skips; "
-                "samples with cfg 2 and choice temperature 2 unless told otherwise")
+                "samples with cfg 1.5 and choice temperature 4.5 unless told otherwise")
