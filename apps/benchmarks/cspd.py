@@ -28,7 +28,7 @@ import torch
 from apps.benchmarks import benchmark
 
 TARGET, DRAFT = "mar-mnist", "mar-mnist-small"
-# On mar-mnist a window rarely passes its first step (every token of a step must be accepted, about 15 % are), so
+# On mar-mnist a window rarely passes its first step (every token of a step must be accepted, about 20 % are), so
 # longer windows only add drafts: window 1 is CSpD's fastest setting there (README: the sweep).
 WINDOW, PREFILL = 1, 0.15
 LOSSY_INNER_TEMPERATURE = 42.0  # MarkXCloud/CSpD's flattening
