@@ -54,11 +54,8 @@ def parse(argv):
 
 
 def build_model(name: str, cache):
-    from generators.base import GeneratorModel, build_preset
-    from vision.hub import HubError, from_pretrained
-
-    from generators.base import presets
-    from vision.hub import read_index
+    from generators.base import GeneratorModel, build_preset, presets
+    from vision.hub import HubError, from_pretrained, read_index
 
     shipped = name not in presets() and read_index().get(name, {}).get("kind") == "generator"
     if Path(name).is_dir() or shipped:  # trained weights to continue from (a preset name wins over a shipped one)

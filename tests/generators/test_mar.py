@@ -135,7 +135,7 @@ def test_checkpoint_loads_ema_by_default_and_raw_on_request(tmp_path, monkeypatc
     with pytest.raises(HubError, match="missing keys"):
         official.load(tmp_path / "broken.pth")
     torch.save({"model": {"tok_embeddings.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
-    assert not official.recognise(torch.load(tmp_path / "other.pth"))
+    assert not official.recognise(torch.load(tmp_path / "other.pth", weights_only=True))
 
 
 def test_only_plain_data_is_unpickled_beside_the_weights(tmp_path, monkeypatch):
