@@ -84,3 +84,33 @@ def test_cli_and_trainer_import_without_a_cycle():
     from vision.errors import TrainingDiverged as from_errors
 
     assert from_cli is progress and TrainingDiverged is from_errors
+
+
+SKIP_TEARDOWN_APP = r"""
+import atexit, sys
+from vision.cli import UserError, run
+
+def main(argv):
+    atexit.register(lambda: open(sys.argv[2], "w").write("atexit ran"))
+    print("partial line, no newline", end="")
+    print("to stderr", end="", file=sys.stderr)
+    if sys.argv[1] == "user-error":
+        raise UserError("bad input")
+    if sys.argv[1] == "argparse":
+        sys.exit(2)
+    return int(sys.argv[1])
+
+run(main, [], skip_teardown=True)
+"""
+
+
+@pytest.mark.parametrize("mode, code, err", [("0", 0, "to stderr"), ("3", 3, "to stderr"),
+                                              ("user-error", 2, "to stderrerror: bad input\n"),
+                                              ("argparse", 2, "to stderr")])
+def test_skip_teardown_flushes_runs_atexit_and_keeps_the_exit_code(tmp_path, mode, code, err):
+    """apps.upscale leaves without the interpreter's teardown: nothing printed or registered may be lost."""
+    marker = tmp_path / "atexit.txt"
+    proc = subprocess.run([sys.executable, "-c", SKIP_TEARDOWN_APP, mode, str(marker)], env=run_env(),
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (code, "partial line, no newline", err)
+    assert marker.read_text() == "atexit ran"
