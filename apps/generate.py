@@ -2,6 +2,7 @@
 
     python -m apps.generate --model ar-mnist --labels 0-9 --per-label 8 -o grid.png
     python -m apps.generate --model ar-mnist --sampler sjd --window 16 --labels 3,5,7 --out-dir samples/
+    python -m apps.generate --model ldm-mnist --n 16 --size 48x48 -o grid.png   # an implicit decoder: any size
     python -m apps.generate --model c2i_B_256.pt --tokenizer vq_ds16_c2i.pt --labels 207,360 --cfg 4 --top-k 1000 -o out.png
     torchrun --nproc_per_node 4 -m apps.generate --model ar-mnist --labels 0-9 --per-label 5000 --out-dir fid/
 
@@ -79,6 +80,8 @@ def parse(argv):
     p.add_argument("--per-label", type=int, default=4, help="samples per label")
     p.add_argument("--n", type=int, default=None, help="number of samples of an unconditional model")
     p.add_argument("--batch-size", type=int, default=16, help="samples generated together")
+    p.add_argument("--size", help="output size WxH (e.g. 48x48), for a generator whose tokenizer has an implicit "
+                   "decoder (latent diffusion); default: the tokenizer's native size")
     g = p.add_argument_group("sampling (defaults: the model family's)")
     g.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (1 = off; VAR: the ratio its ramp reaches at the last scale, 0 = off)")
@@ -92,6 +95,20 @@ def parse(argv):
     o.add_argument("--json", help="write images, wall_time_s, images_per_s, nfe, draft_nfe, mean_accepted, peak_memory_mb")
     add_common_args(p)
     return p.parse_args(argv), own
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'48x32' (W x H) -> (H, W)."""
+    if text is None:
+        return None
+    w, sep, h = text.strip().lower().partition("x")
+    try:
+        size = (int(h), int(w)) if sep else None
+    except ValueError:
+        size = None
+    if size is None or min(size) < 1:
+        raise UserError(f"--size must be WxH with positive integers, e.g. 48x48; got {text!r}")
+    return size
 
 
 def sample_plan(labels: list[int] | None, per_label: int, n: int | None) -> list[tuple[int | None, int]]:
@@ -119,6 +136,7 @@ def main(argv=None) -> int:
     if not (args.output or args.out_dir or args.json):
         raise UserError("nothing to write: give -o GRID.png, --out-dir DIR and/or --json PATH")
     labels = parse_labels(args.labels)
+    args.size = parse_size(args.size)
     if labels is not None and args.n is not None:
         raise UserError("--n is for unconditional models; with --labels use --per-label")
     outputs = [Path(x) for x in (args.output, args.json) if x]
@@ -141,6 +159,9 @@ def main(argv=None) -> int:
     if info.distributed and args.output:
         raise UserError("-o GRID is for one process; under torchrun write --out-dir DIR")
     pipe = GenerationPipeline.load(args.model, args.tokenizer, device)
+    if args.size is not None and not pipe.renders_any_size:
+        raise UserError(f"--size needs a tokenizer with an implicit decoder; {type(pipe.tokenizer).__name__} "
+                        "renders only its native size")
     gen = pipe.generator
     options = {k: getattr(args, k) for k in ("cfg", "temperature", "top_k", "top_p")}
     try:
@@ -199,7 +220,8 @@ def _generate(args, pipe, labels, plan, batches, mine, options, staging, out_dir
         g = torch.Generator(device).manual_seed(batch_seed(args.seed, b))
         lab = None if labels is None else torch.tensor([lab for lab, _ in batch], device=device)
         try:
-            out, _, stats = pipe(lab, sampler=args.sampler, generator=g, batch_size=len(batch), **options)
+            out, _, stats = pipe(lab, sampler=args.sampler, generator=g, batch_size=len(batch), size=args.size,
+                                 **options)
         except ValueError as e:
             raise UserError(str(e)) from None
         totals["nfe"] += stats.nfe

@@ -6,6 +6,7 @@
     python -m apps.upscale --scale 2 photos/                      # every image, into photos_x2/ beside it
     python -m apps.upscale --scale 4 --model edsr-baseline-liif.pth photo.png   # an official checkpoint
     python -m apps.upscale --scale 4 --device cuda --half photos/ -o big/        # GPU, half-precision MLP
+    python -m apps.upscale --method diffusion --scale 4 --steps 50 --seed 1 photo.png   # diverse SR (latent diffusion)
 
 The output is exactly round(H*S) x round(W*S) (or the --size given). Greyscale stays
 greyscale, an alpha channel is upscaled separately by the same model, EXIF orientation is
@@ -27,6 +28,7 @@ from vision.cli import (ArgumentParser, UserError, add_common_args, atomic_outpu
 from vision.data.images import IMAGE_EXTENSIONS, float_array, format_for_path, open_image, save_image
 
 DEFAULT_MODEL = "liif-lite"
+DEFAULT_DIFFUSION_MODEL = "ldm-sr"
 CPU_TILE = 256  # input pixels; on CUDA the tile is sized from free memory instead
 MAX_OUTPUT_PIXELS = 400_000_000  # 20000 x 20000: about 1.2 GB as 8-bit RGB in memory
 PNG_COMPRESSION = 2  # zlib level: about 4.5x faster than Pillow's 6 for ~12% larger files, same pixels
@@ -41,9 +43,20 @@ def parse(argv):
     p.add_argument("-o", "--output", help="output file for one input file; a folder for several inputs or a "
                    "folder input. Default: NAME_xS.png (or NAME_WxH.png) beside each input file, and a "
                    "folder input's images into FOLDER_xS/ beside that folder")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="shipped model name, a save_pretrained folder, or an official LIIF .pth file "
-                   "(edsr-baseline-liif.pth, rdn-liif.pth)")
+    p.add_argument("--method", choices=["liif", "diffusion"], default="liif",
+                   help="liif: deterministic LIIF; diffusion: arbitrary-scale latent diffusion, a different plausible "
+                   "output for each --seed")
+    p.add_argument("--model", default=None,
+                   help=f"shipped model name, a save_pretrained folder, or an official LIIF .pth file "
+                   f"(edsr-baseline-liif.pth, rdn-liif.pth). Default: {DEFAULT_MODEL}; with --method diffusion "
+                   f"{DEFAULT_DIFFUSION_MODEL}%(default).0s")
+    d = p.add_argument_group("--method diffusion")
+    d.add_argument("--steps", type=argtypes.positive_int, default=None,
+                   help="denoising steps (default: the model's)%(default).0s")
+    d.add_argument("--scheduler", default=None, help="diffusers scheduler: ddim, ddpm, dpm, euler or any diffusers "
+                   "scheduler class name (default: the model's)%(default).0s")
+    d.add_argument("--seed", type=int, default=None, help="seed of the diffusion's noise (default 0); the same seed "
+                   "gives the same output%(default).0s")
     # "%(default).0s" prints nothing; it only stops argparse from appending "(default: None)"
     p.add_argument("--tile", type=argtypes.positive_int, default=None,
                    help=f"input tile side in pixels; bounds memory, the result does not depend on it "
@@ -60,6 +73,31 @@ def parse(argv):
                    help="refuse outputs with more pixels than this")
     add_common_args(p, seed=False)
     return p.parse_args(argv)
+
+
+def check_method_args(args) -> None:
+    """Options of one method given with the other: one line, exit 2."""
+    if args.method == "liif":
+        given = [flag for flag, v in (("--steps", args.steps), ("--scheduler", args.scheduler), ("--seed", args.seed))
+                 if v is not None]
+        if given:
+            raise UserError(f"{given[0]} is for --method diffusion (LIIF is deterministic)")
+    elif args.half:
+        raise UserError("--half is for --method liif")
+
+
+def load_diffusion_upscaler(spec: str, device: torch.device):
+    """A latent diffusion SR model (condition 'concat') with its first stage bound."""
+    from generators.latent_diffusion import LatentDiffusion
+    from generators.pipeline import load_tokenizer_for
+    from vision.hub import resolve_model
+
+    model = resolve_model(spec, device=device)
+    if not isinstance(model, LatentDiffusion) or model.config.condition != "concat":
+        what = type(model).__name__ if not isinstance(model, LatentDiffusion) else "an unconditional latent diffusion model"
+        raise UserError(f"--method diffusion needs a diffusion super-resolution model; {spec} is {what}")
+    load_tokenizer_for(model, device=device)
+    return model.eval()
 
 
 def load_upscaler(spec: str, device: torch.device):
@@ -217,6 +255,26 @@ class Upscaler:
                             "pass a smaller --tile or --chunk") from None
 
 
+class DiffusionUpscaler:
+    """A latent diffusion SR model: each image (and alpha channel) draws its noise from --seed alone, so an output
+    does not depend on the other inputs of the run."""
+
+    def __init__(self, model, device: torch.device, steps: int | None, scheduler: str | None, seed: int):
+        self.model, self.device, self.steps, self.scheduler, self.seed = model, device, steps, scheduler, seed
+
+    def __call__(self, x: torch.Tensor, size: tuple[int, int], on_pixels) -> torch.Tensor:
+        g = torch.Generator(self.device).manual_seed(self.seed)
+        try:
+            out = self.model.upscale(x.to(self.device), size, steps=self.steps, scheduler=self.scheduler,
+                                     generator=g)[0].clamp_(-1, 1)
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of {self.device.type} memory; the diffusion runs on the whole input at once") from None
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        on_pixels(size[0] * size[1])
+        return out
+
+
 def upscale_file(upscaler: Upscaler, src: Path, dst: Path, args, on_pixels) -> tuple[int, int]:
     im = open_image(src)
     rgb, alpha = float_array(im)
@@ -244,10 +302,19 @@ def main(argv=None) -> int:
         im = open_image(src)
         H, W = output_size(im.height, im.width, args)
         pixels += H * W * (1 + has_alpha(im))
+    check_method_args(args)
     device = resolve_device(args.device)
-    dtype = half_dtype(device) if args.half else None
     exact_float32(device)
-    upscaler = Upscaler(load_upscaler(args.model, device), device, dtype, args.tile, args.chunk)
+    if args.method == "diffusion":
+        model = load_diffusion_upscaler(args.model or DEFAULT_DIFFUSION_MODEL, device)
+        try:  # refuse a bad --scheduler before the first output
+            model.sampling_options("plain", scheduler=args.scheduler)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        upscaler = DiffusionUpscaler(model, device, args.steps, args.scheduler, 0 if args.seed is None else args.seed)
+    else:
+        dtype = half_dtype(device) if args.half else None
+        upscaler = Upscaler(load_upscaler(args.model or DEFAULT_MODEL, device), device, dtype, args.tile, args.chunk)
     for folder in new_folders:
         folder.mkdir(parents=True, exist_ok=True)
     bar = progress(total=pixels, quiet=args.quiet, unit="px", unit_scale=True)

@@ -62,10 +62,22 @@ class GenerationPipeline:
         gen = load_generator(model, device)
         return cls(gen, load_tokenizer_for(gen, tokenizer, device))
 
+    @property
+    def renders_any_size(self) -> bool:
+        """Whether the tokenizer's decoder is implicit (vision.tokens.Decoder): it renders any output size."""
+        return bool(getattr(self.tokenizer, "renders_any_size", False))
+
     @torch.no_grad()
     def __call__(self, labels: Tensor | None, *, sampler: str = "plain", generator: torch.Generator | None = None,
-                 batch_size: int | None = None, **options: Any) -> tuple[Tensor, Tokens, GenerationStats]:
-        """Images in [-1, 1] (B, C, H, W), the tokens they decode from, and the sampler's statistics."""
+                 batch_size: int | None = None, size: tuple[int, int] | None = None,
+                 **options: Any) -> tuple[Tensor, Tokens, GenerationStats]:
+        """Images in [-1, 1] (B, C, H, W), the tokens they decode from, and the sampler's statistics.
+
+        `size` (H, W) renders at another size than the tokenizer's native one; only an implicit decoder can."""
+        if size is not None and not self.renders_any_size:
+            raise ValueError(f"{type(self.tokenizer).__name__} decodes only at its native size; an output size needs "
+                             "an implicit decoder (a latent diffusion model's first stage)")
         tokens, stats = self.generator.generate(labels, sampler=sampler, generator=generator, batch_size=batch_size,
                                                 **options)
-        return self.tokenizer.decode(tokens).clamp(-1, 1), tokens, stats
+        images = self.tokenizer.decode(tokens) if size is None else self.tokenizer.decode(tokens, size=size)
+        return images.clamp(-1, 1), tokens, stats

@@ -105,3 +105,49 @@ def downsampled_pair(hr: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.
 def div2k_shave(scale: float) -> int:
     """LIIF's DIV2K protocol shaves scale + 6 pixels (RGB PSNR); for fractional scales, ceil(scale) + 6."""
     return math.ceil(scale - 1e-9) + 6
+
+
+class HRCrops(Dataset):
+    """Square HR crops with their LR versions, as arbitrary-scale latent diffusion trains on them
+    (zhenshij/arbitrary-scale-diffusion `DIV2KBase`): a random `crop` x `crop` crop, random h-flip,
+    v-flip and transpose, and the LR = PIL bicubic (antialiased) downscale by `factor` (the first
+    stage's downsampling, so the LR has the latent's size). Items: {"hr", "lr", "seed"}, [-1, 1];
+    "seed" feeds the loss's per-sample noise (`generators.base.per_sample_rand`).
+
+    `images` may be paths, (H, W, 3) uint8 arrays, or an (N, 3, H, W) tensor in [-1, 1] (MNIST).
+    """
+
+    def __init__(self, images, *, crop: int, factor: int, repeat: int = 1, augment: bool = True):
+        if crop % factor:
+            raise ValueError(f"crop {crop} must be a multiple of the downsampling factor {factor}")
+        if isinstance(images, torch.Tensor):
+            self.images = [((im.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy() for im in images]
+        else:
+            self.images = [img if isinstance(img, np.ndarray) else read_image_uint8(img) for img in images]
+        small = [i for i, im in enumerate(self.images) if min(im.shape[:2]) < crop]
+        if small:
+            raise ValueError(f"images {small[:5]} are smaller than the crop {crop}")
+        self.crop, self.factor, self.repeat, self.augment = crop, factor, repeat, augment
+
+    def __len__(self) -> int:
+        return len(self.images) * self.repeat
+
+    def sample(self, index: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        img = self.images[index % len(self.images)]
+        c = self.crop
+        y0 = int(torch.randint(0, img.shape[0] - c + 1, (), generator=g))
+        x0 = int(torch.randint(0, img.shape[1] - c + 1, (), generator=g))
+        hr = img[y0:y0 + c, x0:x0 + c]
+        if self.augment:
+            if torch.rand((), generator=g) < 0.5:
+                hr = hr[::-1]
+            if torch.rand((), generator=g) < 0.5:
+                hr = hr[:, ::-1]
+            if torch.rand((), generator=g) < 0.5:
+                hr = hr.transpose(1, 0, 2)
+        hr = np.ascontiguousarray(hr)
+        lr = _pil_bicubic(hr, (c // self.factor, c // self.factor))
+        return {"hr": _to_unit(hr), "lr": _to_unit(lr), "seed": torch.randint(0, 2**62, (), generator=g)}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.sample(index, torch.Generator().manual_seed(index))

@@ -1,8 +1,8 @@
 """LIIF: Local Implicit Image Function (Chen, Liu & Wang, CVPR 2021; github.com/yinboc/liif).
 
 An encoder (EDSR-baseline or RDN, no upsampling) turns an image into a latent grid of the same
-size; an MLP `imnet` maps [3x3-unfolded latent, relative coordinate, cell size] to RGB at any
-continuous coordinate, and four such predictions (the latent neighbours around the query) are
+size (or the IND trunk of vision/decoders/ind.py a latent into a feature grid); an MLP `imnet`
+maps [3x3-unfolded latent, relative coordinate, cell size] to RGB at any continuous coordinate, and four such predictions (the latent neighbours around the query) are
 blended with bilinear-style area weights ("local ensemble").
 
 Three query paths give the same numbers (to float rounding):
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vision.decoders.edsr import EDSR, EDSRConfig
+from vision.decoders.ind import GLOBAL_RADIUS
 from vision.decoders.rdn import RDN, RDN_PRESETS, RDNConfig
 from vision.errors import ConfigError
 from vision.hub import HubError, check_state_dict, load_official_state_dict, register_model, register_official
@@ -50,8 +51,8 @@ EDSR_FULL = dict(n_resblocks=32, n_feats=256, res_scale=0.1)  # official `make_e
 
 @dataclass
 class LIIFConfig:
-    encoder: str = "edsr-baseline"  # 'edsr-baseline' | 'edsr' | 'rdn'
-    encoder_args: dict[str, Any] = field(default_factory=dict)  # EDSRConfig / RDNConfig fields
+    encoder: str = "edsr-baseline"  # 'edsr-baseline' | 'edsr' | 'rdn' | 'ind' (a latent trunk, vision.decoders.ind)
+    encoder_args: dict[str, Any] = field(default_factory=dict)  # EDSRConfig / RDNConfig / INDConfig fields
     hidden_list: list[int] = field(default_factory=lambda: [256] * 4)
     out_dim: int = 3
     local_ensemble: bool = True
@@ -62,8 +63,9 @@ class LIIFConfig:
     skip: str = "none"
 
     def __post_init__(self) -> None:
-        if self.encoder not in ("edsr-baseline", "edsr", "rdn"):
-            raise ConfigError(f"unknown LIIF encoder {self.encoder!r}; expected 'edsr-baseline', 'edsr' or 'rdn'")
+        if self.encoder not in ("edsr-baseline", "edsr", "rdn", "ind"):
+            raise ConfigError(f"unknown LIIF encoder {self.encoder!r}; "
+                              "expected 'edsr-baseline', 'edsr', 'rdn' or 'ind'")
         if any(int(w) < 1 for w in self.hidden_list) or self.out_dim < 1:
             raise ConfigError(f"hidden_list needs widths >= 1 and out_dim >= 1, got {self.hidden_list} and {self.out_dim}")
         if self.skip not in ("none", "bicubic"):
@@ -79,7 +81,11 @@ def make_encoder(name: str, args: dict[str, Any]) -> nn.Module:
         return EDSR(EDSRConfig(**{**EDSR_FULL, **args}))
     if name == "rdn":
         return RDN(RDNConfig(**args))
-    raise ValueError(f"unknown LIIF encoder {name!r}; expected 'edsr-baseline', 'edsr' or 'rdn'")
+    if name == "ind":  # the implicit neural decoder's trunk (Kim & Kim 2024): its input is a latent, not an image
+        from vision.decoders.ind import INDConfig, INDTrunk
+
+        return INDTrunk(INDConfig(**args))
+    raise ValueError(f"unknown LIIF encoder {name!r}; expected 'edsr-baseline', 'edsr', 'rdn' or 'ind'")
 
 
 # ---------------------------------------------------------------- coordinates
@@ -442,7 +448,9 @@ class LIIF(nn.Module):
         equals the untiled one while memory is bounded by the tile size. `chunk` bounds the
         queries decoded at once, `dtype` (bfloat16 / float16) is the MLP's precision, and
         `progress(n)` is called with the number of output pixels done after each tile. Under
-        autograd it takes the differentiable `query_projected` path.
+        autograd it takes the differentiable `query_projected` path. An encoder whose receptive field is
+        global (the IND trunk: GroupNorm, attention) gets the whole input in every tile; it is encoded
+        once and only the queries are tiled.
         """
         bsz, _, h, w = x.shape
         H, W = size
@@ -450,6 +458,7 @@ class LIIF(nn.Module):
         differentiable = torch.is_grad_enabled()
         chunk = chunk or (DEFAULT_CHUNK if differentiable else GRID_CHUNK)
         margin = self.encoder.receptive_radius + 3
+        full_feat = None  # an encoder whose receptive field is global sees the whole input in every tile: encode once
         ys_out, xs_out = make_coord_1d(H, x.device), make_coord_1d(W, x.device)
         out = x.new_empty(bsz, self.config.out_dim, H, W)
         for a0, a1, i0, i1 in _bands(ys_out, h, tile):
@@ -460,7 +469,13 @@ class LIIF(nn.Module):
                 # latents the queries can touch (core +-2), +1 so their 3x3 conv sees true neighbours
                 fy0, fy1, fx0, fx1 = max(a0 - 3, 0), min(a1 + 3, h), max(b0 - 3, 0), min(b1 + 3, w)
                 # channels-last: the convolutions run faster, and the projection comes out (B, h, w, D)
-                feat = self.encode(x[:, :, r0:r1, c0:c1].contiguous(memory_format=torch.channels_last))
+                whole = (r0, r1, c0, c1) == (0, h, 0, w)
+                if whole and full_feat is not None:
+                    feat = full_feat
+                else:
+                    feat = self.encode(x[:, :, r0:r1, c0:c1].contiguous(memory_format=torch.channels_last))
+                    if whole:
+                        full_feat = feat
                 z = self.project(feat[:, :, fy0 - r0 : fy1 - r0, fx0 - c0 : fx1 - c0])
                 # drop the rim whose conv saw the crop's zero padding instead of real latents
                 top, left = int(fy0 > 0), int(fx0 > 0)
@@ -520,7 +535,8 @@ class LIIF(nn.Module):
             free_bytes - batch * (3 * h * w + 3 * H * W) * 4,  # input and output images stay on the device
             encoder_bytes=batch * (self.encoder.peak_channels * 4 + 2 * mlp_widths[0] * value),
             output_bytes=batch * OUTPUT_BYTES_PER_PIXEL * H * W / (h * w),
-            margin=self.encoder.receptive_radius + 3,
+            # a global receptive field (IND trunk): the encoder crop is the whole input whatever the tile
+            margin=self.encoder.receptive_radius + 3 if self.encoder.receptive_radius < GLOBAL_RADIUS else max(h, w),
             # per query and ensemble member: first-layer sums (float32, rounded to `dtype`) and the output
             query_bytes=len(self.shifts) * (mlp_widths[0] * (value + 4) + self.config.out_dim * 4),
             max_side=max(h, w),

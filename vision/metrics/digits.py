@@ -77,16 +77,17 @@ def _as_uint8(images: Tensor) -> Tensor:
     return to_uint8(images)
 
 
-def score_digits(images: Tensor, labels: Tensor, *, classifier: str | os.PathLike = DIGIT_CLASSIFIER,
+def score_digits(images: Tensor, labels: Tensor | None, *, classifier: str | os.PathLike = DIGIT_CLASSIFIER,
                  device: torch.device | str | None = None, batch_size: int = 500) -> dict[str, float]:
-    """{"fd", "accuracy"} of generated digits and the class ids they were generated for.
+    """{"fd", "accuracy"} of generated digits and the class ids they were generated for ({"fd"} alone for an
+    unconditional generator's digits, labels None).
 
     images: (N, 1 or 3, H, W) float in [-1, 1] as generators decode them (or uint8); 32x32 is the
         classifier's size, 28x28 is zero-padded to it, other sizes are resized.
     labels: (N,) int class ids. device: where the classifier runs (default: the images' device).
     classifier: a shipped name or save_pretrained folder of a classifier with features().
     """
-    if labels.dim() != 1 or len(labels) != len(images) or torch.is_floating_point(labels):
+    if labels is not None and (labels.dim() != 1 or len(labels) != len(images) or torch.is_floating_point(labels)):
         raise ValueError(f"labels must be (N,) integer class ids for {len(images)} images, "
                          f"got {labels.dtype} {tuple(labels.shape)}")
     if len(images) < 2:
@@ -97,9 +98,11 @@ def score_digits(images: Tensor, labels: Tensor, *, classifier: str | os.PathLik
     device = torch.device(device) if device is not None else images.device
     extractor, reference = _classifier_and_reference(str(classifier), str(device))
     features, logits = digit_features_and_logits(extractor.module, pixels, batch_size)
+    fd = fid_between(reference, statistics_of_features(features, extractor.tag, "generated digits"))
+    if labels is None:
+        return {"fd": fd}
     if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
         raise ValueError(f"labels must be class ids in 0..{logits.shape[1] - 1}, got {int(labels.min())}.."
                          f"{int(labels.max())}")
-    fd = fid_between(reference, statistics_of_features(features, extractor.tag, "generated digits"))
     accuracy = (logits.argmax(1) == labels.cpu()).double().mean()
     return {"fd": fd, "accuracy": float(accuracy)}
