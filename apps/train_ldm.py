@@ -3,8 +3,9 @@
     python -m apps.train_ldm --stage first --out runs/ae                  # autoencoder + implicit decoder (sample photos)
     python -m apps.train_ldm --stage denoiser --task sr --first-stage runs/ae/model --out runs/sr
     python -m apps.train_ldm --stage align --init runs/sr/model --out runs/sr-align
-    python -m apps.train_ldm --stage first --data mnist5k --crop 32 --out runs/ae-mnist
-    python -m apps.train_ldm --stage denoiser --task generate --data mnist5k --crop 32 --first-stage runs/ae-mnist/model --out runs/ldm-mnist
+    python -m apps.train_ldm --stage first --data mnist5k --crop 32 --preset small-f2 --out runs/ae-mnist
+    python -m apps.train_ldm --stage denoiser --task generate --data mnist5k --crop 32 --preset small-f2 \
+        --first-stage runs/ae-mnist/model --out runs/ldm-mnist
     torchrun --nproc_per_node 4 -m apps.train_ldm --stage denoiser --task sr --data DIR --first-stage ae --out runs/ddp
 
 Stages (Kim & Kim, CVPR 2024; zhenshij/arbitrary-scale-diffusion):
@@ -15,7 +16,11 @@ Stages (Kim & Kim, CVPR 2024; zhenshij/arbitrary-scale-diffusion):
   loss, DDPM with linear betas 0.0015 -> 0.0155 over 1000 steps. Super-resolution (--task sr)
   concatenates Enc(nearest-upsampled LR) to the noisy latent; --task generate is unconditional.
 - align: the denoiser continues with L_align = L_dm + abar/(1 - abar) ||Dec(x0_hat) - x||^2,
-  back-propagated through the frozen decoder into the UNet only.
+  back-propagated through the frozen decoder into the UNet only. Dec renders at the HR crop's size,
+  as the paper writes it (the official training renders at the latent's size, a memory saving).
+  The official code uses Adam here; AdamW is kept from the denoiser stage.
+Latents are diffused at 1/std scale (official `scale_by_std`, measured on 256 training crops).
+Photo crops are flipped and transposed at random (as official); MNIST digits are not.
 """
 from __future__ import annotations
 
@@ -32,12 +37,14 @@ from vision.train import Phase, Trainer, add_train_args, train_config_from_args
 
 FIRST_STAGE_PRESETS = {  # ImplicitAEConfig fields
     "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3, norm_num_groups=8, hidden_list=[64, 64, 64]),
+    "small-f2": dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, norm_num_groups=8, hidden_list=[64, 64, 64]),
     "tiny": dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, norm_num_groups=4, hidden_list=[16]),
 }
 DENOISER_PRESETS = {  # LatentDiffusionConfig fields
     "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8),
     "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
 }
+DENOISER_PRESETS["small-f2"] = DENOISER_PRESETS["small"]
 
 
 def parse(argv):
@@ -57,7 +64,8 @@ def parse(argv):
     p.add_argument("--lr", type=argtypes.positive_float, default=None,
                    help="learning rate (default: 2e-4 first stage (Adam), 2e-4 denoiser (AdamW), 5e-5 align)")
     p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its index.json "
-                   "entry (command, time, metrics)")
+                   "entry (command, time, held-out metrics); a shipped denoiser's --first-stage must be shipped too")
+    p.add_argument("--eval", action="store_true", help="print the held-out metrics without shipping")
     add_train_args(p, batch_size=16, max_steps=2000, checkpoint_every=500, log_every=20)
     add_common_args(p)
     p.add_check(check_stage_args)
@@ -75,6 +83,12 @@ def check_stage_args(args) -> None:
         raise UserError("--first-stage is for --stage denoiser (align uses the --init model's first stage)")
     if args.stage != "align" and args.init:
         raise UserError("--init is for --stage align")
+    if args.ship and args.stage == "denoiser":
+        from vision.hub import read_index
+
+        if args.first_stage not in read_index():
+            raise UserError(f"--ship: the model will name its first stage {args.first_stage!r}, which is not a shipped "
+                            "model; ship the first stage first (--stage first --ship NAME) and pass that NAME")
 
 
 def image_source(args):
@@ -151,10 +165,15 @@ def main(argv=None) -> int:
     model, first, f = build(args, device)
     images, description = image_source(args)
     try:
-        data = HRCrops(images, crop=args.crop, factor=f, repeat=1 if args.data == "mnist5k" else args.repeat)
+        # digits are not flipped or transposed (a generator would learn mirrored digits); photo crops are, as official
+        mnist = args.data == "mnist5k"
+        data = HRCrops(images, crop=args.crop, factor=f, repeat=1 if mnist else args.repeat, augment=not mnist)
         trainer = Trainer(train_config_from_args(args, str(device)), data)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.stage == "denoiser":
+        model.config.scale_factor = latent_scale(first, data)
+        print(f"latent scale factor 1/std = {model.config.scale_factor:.4f}")
     lr = args.lr or {"first": 2e-4, "denoiser": 2e-4, "align": 5e-5}[args.stage]
     if args.stage == "first":
         opt = torch.optim.Adam(model.parameters(), lr=lr)  # official: Adam, default betas
@@ -177,6 +196,8 @@ def main(argv=None) -> int:
     final = trainer.final_model("model").model.eval()
     save_pretrained(final, Path(args.out) / "model")
     print(f"model saved to {Path(args.out) / 'model'} ({elapsed / 60:.1f} min)")
+    if not (args.ship or args.eval):
+        return 0
     metrics, protocol = evaluate_stage(args, final, first, device)
     for k, v in metrics.items():
         print(f"{k}: {v}")
@@ -194,6 +215,16 @@ def main(argv=None) -> int:
                                  metrics_protocol=protocol)
         print(f"shipped as {args.ship}: weights/{entry['file']}")
     return 0
+
+
+@torch.no_grad()
+def latent_scale(first, data, n: int = 256) -> float:
+    """Official `scale_by_std`: 1 / std of the training latents (here of the first n crops, a fixed set, so a
+    resumed run computes the same number), making the diffused latents unit-variance."""
+    hr = torch.stack([data[i]["hr"] for i in range(min(n, len(data)))])
+    device = next(first.parameters()).device
+    z = torch.cat([first.encode_latents(chunk.to(device)) for chunk in hr.split(64)])
+    return round(1.0 / float(z.flatten().std()), 6)
 
 
 class StageLoss(torch.nn.Module):

@@ -9,7 +9,8 @@
     python -m apps.upscale --method diffusion --scale 4 --steps 50 --seed 1 photo.png   # diverse SR (latent diffusion)
 
 The output is exactly round(H*S) x round(W*S) (or the --size given). Greyscale stays
-greyscale, an alpha channel is upscaled separately by the same model, EXIF orientation is
+greyscale, an alpha channel is upscaled separately by the same model (bicubically with --method
+diffusion, so that a mask does not change with the seed), EXIF orientation is
 applied and the ICC profile is kept. 16-bit inputs are written as 8-bit. The model is loaded
 once for all inputs, and every input is checked before the first output is written.
 """
@@ -82,8 +83,10 @@ def check_method_args(args) -> None:
                  if v is not None]
         if given:
             raise UserError(f"{given[0]} is for --method diffusion (LIIF is deterministic)")
-    elif args.half:
-        raise UserError("--half is for --method liif")
+    else:
+        given = [flag for flag, v in (("--half", args.half), ("--tile", args.tile), ("--chunk", args.chunk)) if v]
+        if given:
+            raise UserError(f"{given[0]} is for --method liif (the diffusion runs on the whole input)")
 
 
 def load_diffusion_upscaler(spec: str, device: torch.device):
@@ -245,6 +248,10 @@ class Upscaler:
             return tile or auto_tile, chunk or auto_chunk
         return tile or CPU_TILE, chunk
 
+    def alpha(self, x: torch.Tensor, size: tuple[int, int], on_pixels) -> torch.Tensor:
+        """An alpha channel (given as a grey image) goes through the same model."""
+        return self(x, size, on_pixels)
+
     def __call__(self, x: torch.Tensor, size: tuple[int, int], on_pixels) -> torch.Tensor:
         tile, chunk = self.tile_and_chunk(tuple(x.shape[-2:]), size)
         try:
@@ -256,8 +263,8 @@ class Upscaler:
 
 
 class DiffusionUpscaler:
-    """A latent diffusion SR model: each image (and alpha channel) draws its noise from --seed alone, so an output
-    does not depend on the other inputs of the run."""
+    """A latent diffusion SR model: each image draws its noise from --seed alone, so an output does not depend on
+    the other inputs of the run. An alpha channel is upscaled bicubically (see `alpha`)."""
 
     def __init__(self, model, device: torch.device, steps: int | None, scheduler: str | None, seed: int):
         self.model, self.device, self.steps, self.scheduler, self.seed = model, device, steps, scheduler, seed
@@ -268,11 +275,23 @@ class DiffusionUpscaler:
             out = self.model.upscale(x.to(self.device), size, steps=self.steps, scheduler=self.scheduler,
                                      generator=g)[0].clamp_(-1, 1)
         except torch.OutOfMemoryError:
-            raise UserError(f"out of {self.device.type} memory; the diffusion runs on the whole input at once") from None
+            raise UserError(f"out of {self.device.type} memory; the diffusion runs on the whole input at once "
+                            f"(its encoder on the input upsampled x{self.model.tokenizer.downsample})") from None
+        except RuntimeError as e:
+            if "alloc" not in str(e):  # the CPU allocator's "can't allocate memory"
+                raise
+            raise UserError(f"out of memory; the diffusion runs on the whole input at once (its encoder on the "
+                            f"input upsampled x{self.model.tokenizer.downsample}); try a smaller input") from None
         except ValueError as e:
             raise UserError(str(e)) from None
         on_pixels(size[0] * size[1])
         return out
+
+    def alpha(self, x: torch.Tensor, size: tuple[int, int], on_pixels) -> torch.Tensor:
+        """An alpha channel is a mask, not a picture: bicubic, so that it does not vary with the seed."""
+        out = torch.nn.functional.interpolate(x[:, :1], size=size, mode="bicubic", align_corners=False)
+        on_pixels(size[0] * size[1])
+        return out[0].clamp_(-1, 1)
 
 
 def upscale_file(upscaler: Upscaler, src: Path, dst: Path, args, on_pixels) -> tuple[int, int]:
@@ -285,7 +304,7 @@ def upscale_file(upscaler: Upscaler, src: Path, dst: Path, args, on_pixels) -> t
     a = None
     if alpha is not None:  # alpha through the same model as a grey image, then averaged back to one channel
         xa = (torch.from_numpy(alpha)[None, None] * 2 - 1).expand(1, 3, h, w)
-        a = upscaler(xa, (H, W), on_pixels).mean(0, keepdim=True)
+        a = upscaler.alpha(xa, (H, W), on_pixels).mean(0, keepdim=True)
     with atomic_output(dst, args.overwrite) as tmp:
         save_image(y.cpu(), tmp, alpha=None if a is None else a.cpu(), icc_profile=im.info.get("icc_profile"),
                    mode="L" if grey else None, format=format_for_path(dst), png_compression=args.png_compression)

@@ -7,7 +7,8 @@ Implicit Neural Decoder", CVPR 2024. Official code: github.com/zhenshij/arbitrar
 `eval_sr.py`, `inference.py`. The parts are diffusers' (`UNet2DModel`, `DDPMScheduler` and any other
 scheduler); nothing of the official code is used.
 
-* What is diffused: z0 = the first stage's (scaled) latent, `tokenizer.encode_latents(images)`, (B, C, h, w).
+* What is diffused: z0 = scale_factor * the first stage's latent `tokenizer.encode_latents(images)`, (B, C, h, w);
+  batches, conditions and sampled latents are in the first stage's space, the scaling stays inside this class.
 * Conditioning (`condition="concat"`, SR): c = Enc(nearest_upsample(LR, x f)), the ENCODING of the nearest-
   upsampled low-resolution image at latent resolution (official `SRDiffusion.get_cond`, not the LR pixels and
   not bicubic); the UNet sees cat([z_t, c]) (2C channels) and predicts the noise (C channels).
@@ -98,6 +99,9 @@ class LatentDiffusionConfig:
     beta_schedule: str = "scaled_linear"  # = CompVis "linear" (sqrt-linspace squared); see the module docstring
     prediction_type: str = "epsilon"
     sampling: dict | None = None  # this model's own sampling defaults (steps, scheduler, eta)
+    # the diffusion runs on scale_factor * (first-stage latent); official `scale_by_std`: 1 / std of training
+    # latents, set by apps.train_ldm before the denoiser trains (the official DIV2K run kept 1.0)
+    scale_factor: float = 1.0
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -115,6 +119,8 @@ class LatentDiffusionConfig:
             raise ValueError(f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
         if self.latent_channels < 1 or self.latent_size < 1 or self.downsample < 1:
             raise ValueError("latent_channels, latent_size and downsample must be >= 1")
+        if not (self.scale_factor > 0 and self.scale_factor < float("inf")):
+            raise ValueError(f"scale_factor must be a finite number > 0, got {self.scale_factor}")
         if self.prediction_type != "epsilon":
             raise ValueError(f"only prediction_type='epsilon' is implemented (the official); got {self.prediction_type!r}")
 
@@ -227,7 +233,7 @@ class LatentDiffusion(GeneratorModel):
     def _noised(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """z0, t (B,), eps, z_t, cond: one per_sample_rand draw per sample gives t (through the normal CDF of
         its first number, exactly uniform) and the noise (the rest)."""
-        z0 = batch["latents"].to(next(self.unet.parameters()).dtype)
+        z0 = batch["latents"].to(next(self.unet.parameters()).dtype) * self.config.scale_factor
         B, C, h, w = z0.shape
         if C != self.config.latent_channels:
             raise ValueError(f"latents have {C} channels, the model {self.config.latent_channels}")
@@ -235,7 +241,7 @@ class LatentDiffusion(GeneratorModel):
         if self.config.condition == "concat" and cond is None:
             raise ValueError("an SR (concat) model's batch needs 'cond', the encoded nearest-upsampled LR latents")
         if cond is not None:
-            cond = cond.to(z0)
+            cond = cond.to(z0) * self.config.scale_factor
             if cond.shape != z0.shape:
                 raise ValueError(f"cond {tuple(cond.shape)} must have the latents' shape {tuple(z0.shape)}")
         draw = per_sample_rand(batch, 1 + C * h * w, normal=True, device=z0.device).to(torch.float64)
@@ -275,7 +281,7 @@ class LatentDiffusion(GeneratorModel):
         eps_hat = self.denoise(z_t, t, cond)
         abar = self.noise_scheduler.alphas_cumprod.to(z0.device)[t].to(z0.dtype).view(-1, 1, 1, 1)
         x0_hat = (z_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
-        decoded = self.tokenizer.decode(x0_hat, size=tuple(images.shape[-2:]))
+        decoded = self.tokenizer.decode(x0_hat / self.config.scale_factor, size=tuple(images.shape[-2:]))
         l_dm = (eps_hat.float() - eps.float()).pow(2).mean(dim=(1, 2, 3))
         l_img = (decoded.float() - images.to(decoded.device).float()).pow(2).mean(dim=(1, 2, 3))
         weight = self.snr(t).float()
@@ -320,7 +326,7 @@ class LatentDiffusion(GeneratorModel):
         m = self.multiple
         ph, pw = -gh % m, -gw % m
         if cond is not None:
-            cond = cond.to(device=device, dtype=dtype)
+            cond = cond.to(device=device, dtype=dtype) * c.scale_factor
             if ph or pw:
                 cond = F.pad(cond, (0, pw, 0, ph), mode="replicate")
         sched.set_timesteps(steps, device=device)
@@ -333,7 +339,7 @@ class LatentDiffusion(GeneratorModel):
             if stats is not None:
                 stats.nfe += 1
             x = sched.step(eps, t, x, **kwargs).prev_sample
-        return x[:, :, :gh, :gw]
+        return x[:, :, :gh, :gw] / c.scale_factor
 
     @torch.no_grad()
     def upscale(self, lr_images: Tensor, size: tuple[int, int] | int, *, steps: int | None = None,
