@@ -37,6 +37,9 @@ from vision.train import Phase, Trainer, add_train_args, train_config_from_args
 
 FIRST_STAGE_PRESETS = {  # ImplicitAEConfig fields
     "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3, norm_num_groups=8, hidden_list=[64, 64, 64]),
+    # the official FFHQ SR first stage keeps 32 latent channels at f = 4; 16 keeps photo detail at this size
+    "small-z16": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, norm_num_groups=8,
+                      hidden_list=[64, 64, 64]),
     "small-f2": dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, norm_num_groups=8, hidden_list=[64, 64, 64]),
     "tiny": dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, norm_num_groups=4, hidden_list=[16]),
 }
@@ -44,7 +47,7 @@ DENOISER_PRESETS = {  # LatentDiffusionConfig fields
     "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8),
     "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
 }
-DENOISER_PRESETS["small-f2"] = DENOISER_PRESETS["small"]
+DENOISER_PRESETS["small-f2"] = DENOISER_PRESETS["small-z16"] = DENOISER_PRESETS["small"]
 
 
 def parse(argv):
@@ -168,7 +171,9 @@ def main(argv=None) -> int:
         # digits are not flipped or transposed (a generator would learn mirrored digits); photo crops are, as official
         mnist = args.data == "mnist5k"
         data = HRCrops(images, crop=args.crop, factor=f, repeat=1 if mnist else args.repeat, augment=not mnist)
-        trainer = Trainer(train_config_from_args(args, str(device)), data)
+        config = train_config_from_args(args, str(device))
+        config.ema_warmup = True  # the official LitEma's warm-up (a fixed-decay average of a short run keeps the init)
+        trainer = Trainer(config, data)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.stage == "denoiser":

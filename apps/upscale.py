@@ -1,4 +1,4 @@
-"""python -m apps.upscale — upscale photos to any scale or size with LIIF.
+"""python -m apps.upscale — upscale photos to any scale or size with LIIF, or diversely with latent diffusion.
 
     python -m apps.upscale --scale 3.7 photo.jpg                 # writes photo_x3.7.png beside it
     python -m apps.upscale --size 1920x1080 photo.jpg -o big.webp

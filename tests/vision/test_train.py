@@ -115,6 +115,27 @@ def test_ema_update_formula():
     assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * (before + 1.0))
 
 
+def test_ema_warmup_is_litema_and_survives_a_restart():
+    """LitEma (CompVis latent diffusion): update n uses min(decay, (1 + n) / (10 + n)); the count is saved."""
+    from torch import nn
+
+    from vision.train.ema import EMA
+
+    m = nn.Linear(2, 1)
+    ema = EMA(m, 0.999, warmup=True)
+    expected = m.weight.detach().clone()
+    for n in range(3):
+        with torch.no_grad():
+            m.weight.add_(1.0)
+        ema.update(m)
+        d = min(0.999, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * m.weight.detach()
+    assert torch.allclose(ema.model.weight, expected)
+    restored = EMA(m, 0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert (restored.decay, restored.warmup, restored.updates) == (0.999, True, 3)
+
+
 # ---------------------------------------------------------------- run folders: never clobbered, --overwrite, Ctrl-C
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "none"  # none | bf16 | fp16
     ema_decay: float | None = None
+    ema_warmup: bool = False  # LitEma's min(decay, (1 + n) / (10 + n)); see vision.train.ema.EMA
     checkpoint_every: int = 500
     log_every: int = 10
     num_workers: int = 0
@@ -215,7 +216,7 @@ class Trainer:
             if self.sharded:
                 raise ConfigError("--ema is not available with --fsdp yet (the EMA copy would need sharding too)")
             self.ema_of = ema_of or next(iter(models))
-            self.ema = EMA(self.raw[self.ema_of], self.config.ema_decay)
+            self.ema = EMA(self.raw[self.ema_of], self.config.ema_decay, warmup=self.config.ema_warmup)
         if self.dist.is_main:
             self.run.create()
         if self.config.resume:
