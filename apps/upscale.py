@@ -56,6 +56,10 @@ def parse(argv):
                    help="denoising steps (default: the model's)%(default).0s")
     d.add_argument("--scheduler", default=None, help="diffusers scheduler: ddim, ddpm, dpm, euler or any diffusers "
                    "scheduler class name (default: the model's)%(default).0s")
+    d.add_argument("--color-fix", choices=["none", "adain"], default=None,
+                   help="adain: give each output channel the mean and spread of the bicubic upsampling (StableSR's "
+                   "colour correction, not in the paper; the shipped ldm-sr's default: its small denoiser drifts in "
+                   "colour). Default: the model's%(default).0s")
     d.add_argument("--seed", type=int, default=None, help="seed of the diffusion's noise (default 0); the same seed "
                    "gives the same output%(default).0s")
     # "%(default).0s" prints nothing; it only stops argparse from appending "(default: None)"
@@ -79,8 +83,8 @@ def parse(argv):
 def check_method_args(args) -> None:
     """Options of one method given with the other: one line, exit 2."""
     if args.method == "liif":
-        given = [flag for flag, v in (("--steps", args.steps), ("--scheduler", args.scheduler), ("--seed", args.seed))
-                 if v is not None]
+        given = [flag for flag, v in (("--steps", args.steps), ("--scheduler", args.scheduler), ("--seed", args.seed),
+                                      ("--color-fix", args.color_fix)) if v is not None]
         if given:
             raise UserError(f"{given[0]} is for --method diffusion (LIIF is deterministic)")
     else:
@@ -266,14 +270,16 @@ class DiffusionUpscaler:
     """A latent diffusion SR model: each image draws its noise from --seed alone, so an output does not depend on
     the other inputs of the run. An alpha channel is upscaled bicubically (see `alpha`)."""
 
-    def __init__(self, model, device: torch.device, steps: int | None, scheduler: str | None, seed: int):
+    def __init__(self, model, device: torch.device, steps: int | None, scheduler: str | None, seed: int,
+                 color_fix: str | None = None):
         self.model, self.device, self.steps, self.scheduler, self.seed = model, device, steps, scheduler, seed
+        self.color_fix = color_fix
 
     def __call__(self, x: torch.Tensor, size: tuple[int, int], on_pixels) -> torch.Tensor:
         g = torch.Generator(self.device).manual_seed(self.seed)
         try:
             out = self.model.upscale(x.to(self.device), size, steps=self.steps, scheduler=self.scheduler,
-                                     generator=g)[0].clamp_(-1, 1)
+                                     generator=g, color_fix=self.color_fix)[0].clamp_(-1, 1)
         except torch.OutOfMemoryError:
             raise UserError(f"out of {self.device.type} memory; the diffusion runs on the whole input at once "
                             f"(its encoder on the input upsampled x{self.model.tokenizer.downsample})") from None
@@ -330,7 +336,8 @@ def main(argv=None) -> int:
             model.sampling_options("plain", scheduler=args.scheduler)
         except ValueError as e:
             raise UserError(str(e)) from None
-        upscaler = DiffusionUpscaler(model, device, args.steps, args.scheduler, 0 if args.seed is None else args.seed)
+        upscaler = DiffusionUpscaler(model, device, args.steps, args.scheduler, 0 if args.seed is None else args.seed,
+                                     args.color_fix)
     else:
         dtype = half_dtype(device) if args.half else None
         upscaler = Upscaler(load_upscaler(args.model or DEFAULT_MODEL, device), device, dtype, args.tile, args.chunk)

@@ -100,6 +100,10 @@ def run(quick: bool) -> dict[str, float]:
     quality = sr_figures(model, 4.0, "cpu", seed=0, steps=10 if quick else 50, crop=64 if quick else 96,
                          liif=from_pretrained("liif-lite"), lpips_model=try_lpips("cpu"))
     figures.update(quality)  # psnr_ldm_x4, psnr_bicubic_x4, psnr_liif_x4 (and lpips_* with LPIPS weights on disk)
+    if model.sampling_defaults["color_fix"] != "none":  # the same samples without the model's colour correction
+        raw = sr_figures(model, 4.0, "cpu", seed=0, steps=10 if quick else 50, crop=64 if quick else 96,
+                         color_fix="none")
+        figures["psnr_ldm_no_color_fix_x4"] = raw["psnr_ldm_x4"]
     if "lpips_ldm_x4" not in quality:
         figures["lpips_available"] = 0  # torchvision's AlexNet weights are not on this machine
 

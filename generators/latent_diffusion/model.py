@@ -70,6 +70,7 @@ from vision.hub import register_model
 from vision.tokens import GenerationStats, Tokens, TokenSpec
 
 CONDITIONS = ("none", "concat")
+COLOR_FIXES = ("none", "adain")
 # short name -> diffusers class name; any other diffusers scheduler class may be given by its class name
 SHORT_SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -157,7 +158,7 @@ class LatentDiffusion(GeneratorModel):
     config_class = LatentDiffusionConfig
     needs_tokenizer = True  # SR encodes its condition, and the alignment loss decodes, through self.tokenizer
     sampling_defaults = {"cfg": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "steps": 50,
-                         "scheduler": "ddim", "eta": 1.0}
+                         "scheduler": "ddim", "eta": 1.0, "color_fix": "none"}
     # official: AdamW (torch defaults: betas (0.9, 0.999), weight decay 0.01), lr 1e-4, no warm-up, no clipping
     training_defaults = {"lr": 1e-4, "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_steps": 0,
                          "grad_clip": 0.0}
@@ -344,11 +345,17 @@ class LatentDiffusion(GeneratorModel):
     @torch.no_grad()
     def upscale(self, lr_images: Tensor, size: tuple[int, int] | int, *, steps: int | None = None,
                 scheduler: str | None = None, eta: float | None = None, generator: torch.Generator | None = None,
-                stats: GenerationStats | None = None) -> Tensor:
+                stats: GenerationStats | None = None, color_fix: str | None = None) -> Tensor:
         """Super-resolve lr_images (B, 3, h, w) in [-1, 1] (any h, w) to (B, 3, *size), unclamped.
 
         cond = tokenizer.encode_latents(nearest x f of the LR) (grid h x w), z sampled at that grid, then
-        tokenizer.decode(z, size=size). steps / scheduler / eta None: the model's sampling defaults."""
+        tokenizer.decode(z, size=size). steps / scheduler / eta / color_fix None: the model's sampling defaults.
+        color_fix "adain" (not in the paper; StableSR's colour correction, Wang et al. 2023) gives each output
+        channel the mean and standard deviation of the bicubic-upsampled LR: a small, briefly trained denoiser
+        drifts in global colour at the high-noise steps, where it follows its condition least."""
+        color_fix = self._default("color_fix", color_fix)
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIXES)}; got {color_fix!r}")
         if self.config.condition != "concat":
             raise ValueError("upscale needs a model trained for SR (condition='concat')")
         H, W = _pair(size)
@@ -361,7 +368,17 @@ class LatentDiffusion(GeneratorModel):
         cond = tok.encode_latents(F.interpolate(lr, scale_factor=f, mode="nearest"))
         z = self.sample_latents(lr.shape[0], cond=cond, steps=int(self._default("steps", steps)), scheduler=scheduler,
                                 eta=eta, generator=generator, stats=stats)
-        return tok.decode(z, size=(H, W))
+        out = tok.decode(z, size=(H, W))
+        if color_fix == "adain":
+            out = adain_color_fix(out, F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False))
+        return out
+
+
+def adain_color_fix(images: Tensor, reference: Tensor, eps: float = 1e-6) -> Tensor:
+    """Each image channel shifted and scaled to the mean and standard deviation of the reference's channel."""
+    mean, std = images.mean(dim=(-2, -1), keepdim=True), images.std(dim=(-2, -1), keepdim=True)
+    ref_mean, ref_std = reference.mean(dim=(-2, -1), keepdim=True), reference.std(dim=(-2, -1), keepdim=True)
+    return (images - mean) / (std + eps) * ref_std + ref_mean
 
 
 def _pair(v: tuple[int, int] | int) -> tuple[int, int]:

@@ -234,6 +234,27 @@ def test_upscale_gives_the_exact_size_from_any_lr():
         bound(tiny()).upscale(lr, 10, steps=2)
 
 
+def test_adain_color_fix_matches_the_bicubic_channel_statistics():
+    import torch.nn.functional as F
+
+    m = bound(tiny("concat"))
+    lr = torch.rand(2, 3, 5, 7) * 2 - 1
+    raw = m.upscale(lr, (13, 17), steps=2, generator=torch.Generator().manual_seed(0))
+    fixed = m.upscale(lr, (13, 17), steps=2, generator=torch.Generator().manual_seed(0), color_fix="adain")
+    ref = F.interpolate(lr, size=(13, 17), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(fixed.mean(dim=(-2, -1)), ref.mean(dim=(-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fixed.std(dim=(-2, -1)), ref.std(dim=(-2, -1)), atol=1e-4, rtol=1e-4)
+    assert (raw.mean(dim=(-2, -1)) - ref.mean(dim=(-2, -1))).abs().max() > 1e-3  # it did change something
+    # the per-image correction keeps the spatial pattern: the fixed image is an affine map of the raw one per channel
+    z = (raw - raw.mean(dim=(-2, -1), keepdim=True)) / raw.std(dim=(-2, -1), keepdim=True)
+    zf = (fixed - fixed.mean(dim=(-2, -1), keepdim=True)) / fixed.std(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(z, zf, atol=1e-4, rtol=1e-4)
+    m.config.sampling = {"color_fix": "adain"}  # a model's own default, as the shipped ldm-sr carries it
+    m = LatentDiffusion(m.config)
+    with pytest.raises(ValueError, match="color_fix"):
+        bound(m).upscale(lr, 9, steps=1, color_fix="nope")
+
+
 def test_short_training_lowers_eps_mse():
     """200 Adam steps of a tiny UNet on 4 fixed latents. The eps-MSE is measured on a fixed set of 64 (t, noise)
     draws. Predicting zero noise scores exactly E[eps^2] = 1 and the random init scores about 1 too; a model that
