@@ -1,5 +1,8 @@
 """Arbitrary-scale latent diffusion through the programs: apps.train_ldm's three stages (frozen decoder during
 alignment, exact resume), apps.upscale --method diffusion (exact sizes, seeds), apps.generate --size, bad input."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from PIL import Image
 from apps.generate import main as generate_main
 from apps.train_ldm import main as train_main
 from apps.upscale import main as upscale_main
+from tests.conftest import run_env
 from vision.cli import run
 from vision.hub import from_pretrained
 from vision.train.checkpoint import load_checkpoint
@@ -125,3 +129,15 @@ def test_train_ldm_stage_arguments(tmp_path, capsys):
                           (["--stage", "first", "--init", "x"], "--init is for")):
         code, err = call(train_main, capsys, *argv, "--out", tmp_path / "r")
         assert code == 2 and message in err, err
+
+
+def test_two_processes_train_the_denoiser_one_process_trains(runs, tmp_path):
+    """torchrun: per-sample seeds (t, noise) and the per-step target size make N processes train what one does."""
+    argv = ["--stage", "denoiser", "--task", "sr", "--crop", "16", "--repeat", "2", "--steps", "3",
+            "--first-stage", str(runs / "first" / "model"), "--out", str(tmp_path / "two"), *TINY]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "apps.train_ldm", *argv], env=run_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = from_pretrained(runs / "sr" / "model").state_dict()
+    two = from_pretrained(tmp_path / "two" / "model").state_dict()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4  # all-reduce rounding only
