@@ -56,10 +56,11 @@ def parse(argv):
                    help="denoising steps (default: the model's)%(default).0s")
     d.add_argument("--scheduler", default=None, help="diffusers scheduler: ddim, ddpm, dpm, euler or any diffusers "
                    "scheduler class name (default: the model's)%(default).0s")
-    d.add_argument("--color-fix", choices=["none", "adain"], default=None,
-                   help="adain: give each output channel the mean and spread of the bicubic upsampling (StableSR's "
-                   "colour correction, not in the paper; the shipped ldm-sr's default: its small denoiser drifts in "
-                   "colour). Default: the model's%(default).0s")
+    d.add_argument("--color-fix", choices=["none", "adain", "wavelet"], default=None,
+                   help="StableSR's colour corrections (not in the paper): adain gives each output channel the mean "
+                   "and spread of the bicubic upsampling, wavelet its low frequencies (colours follow the input "
+                   "locally; the shipped ldm-sr's default: its small denoiser drifts in colour). "
+                   "Default: the model's%(default).0s")
     d.add_argument("--seed", type=int, default=None, help="seed of the diffusion's noise (default 0); the same seed "
                    "gives the same output%(default).0s")
     # "%(default).0s" prints nothing; it only stops argparse from appending "(default: None)"

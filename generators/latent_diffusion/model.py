@@ -70,7 +70,7 @@ from vision.hub import register_model
 from vision.tokens import GenerationStats, Tokens, TokenSpec
 
 CONDITIONS = ("none", "concat")
-COLOR_FIXES = ("none", "adain")
+COLOR_FIXES = ("none", "adain", "wavelet")
 # short name -> diffusers class name; any other diffusers scheduler class may be given by its class name
 SHORT_SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -369,9 +369,26 @@ class LatentDiffusion(GeneratorModel):
         z = self.sample_latents(lr.shape[0], cond=cond, steps=int(self._default("steps", steps)), scheduler=scheduler,
                                 eta=eta, generator=generator, stats=stats)
         out = tok.decode(z, size=(H, W))
-        if color_fix == "adain":
-            out = adain_color_fix(out, F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False))
+        if color_fix != "none":
+            fix = adain_color_fix if color_fix == "adain" else wavelet_color_fix
+            out = fix(out, F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False))
         return out
+
+
+def _wavelet_low(x: Tensor, levels: int) -> Tensor:
+    """The low-frequency part left after `levels` a-trous passes of a 3x3 binomial blur (dilation 1, 2, 4, ...)."""
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=x.dtype, device=x.device) / 16
+    kernel = kernel.expand(x.shape[1], 1, 3, 3)
+    for i in range(levels):
+        d = 2**i
+        x = F.conv2d(F.pad(x, (d, d, d, d), mode="replicate"), kernel, dilation=d, groups=x.shape[1])
+    return x
+
+
+def wavelet_color_fix(images: Tensor, reference: Tensor, levels: int = 5) -> Tensor:
+    """StableSR's wavelet colour correction: the images' high frequencies over the reference's low frequencies,
+    so colours follow the reference locally (AdaIN matches only each channel's global statistics)."""
+    return images - _wavelet_low(images, levels) + _wavelet_low(reference, levels)
 
 
 def adain_color_fix(images: Tensor, reference: Tensor, eps: float = 1e-6) -> Tensor:

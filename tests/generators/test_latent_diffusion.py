@@ -255,6 +255,24 @@ def test_adain_color_fix_matches_the_bicubic_channel_statistics():
         bound(m).upscale(lr, 9, steps=1, color_fix="nope")
 
 
+def test_wavelet_color_fix_keeps_detail_and_takes_the_reference_colours():
+    from generators.latent_diffusion.model import _wavelet_low, wavelet_color_fix
+
+    g = torch.Generator().manual_seed(0)
+    images, reference = torch.rand(2, 3, 40, 33, generator=g), torch.rand(2, 3, 40, 33, generator=g)
+    fixed = wavelet_color_fix(images, reference)
+    torch.testing.assert_close(wavelet_color_fix(reference, reference), reference)
+    # a colour cast (a constant per channel) is low frequency: it is gone after the fix
+    cast = torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1)
+    torch.testing.assert_close(wavelet_color_fix(images + cast, reference), fixed, atol=1e-5, rtol=0)
+    # the detail (what the blur removes) is the images', not the reference's
+    torch.testing.assert_close(fixed - _wavelet_low(reference, 5), images - _wavelet_low(images, 5))
+    m = bound(tiny("concat"))
+    lr = torch.rand(1, 3, 5, 7) * 2 - 1
+    out = m.upscale(lr, (13, 17), steps=2, generator=torch.Generator().manual_seed(0), color_fix="wavelet")
+    assert out.shape == (1, 3, 13, 17) and torch.isfinite(out).all()
+
+
 def test_short_training_lowers_eps_mse():
     """200 Adam steps of a tiny UNet on 4 fixed latents. The eps-MSE is measured on a fixed set of 64 (t, noise)
     draws. Predicting zero noise scores exactly E[eps^2] = 1 and the random init scores about 1 too; a model that
