@@ -159,7 +159,7 @@ def build(args, device):
 
 def main(argv=None) -> int:
     from vision.data.sr import HRCrops
-    from vision.hub import register_shipped, save_pretrained
+    from vision.hub import register_shipped, save_pretrained, shipped_provenance
 
     args = parse(argv)
     command = "python -m apps.train_ldm " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -203,18 +203,11 @@ def main(argv=None) -> int:
     print(f"model saved to {Path(args.out) / 'model'} ({elapsed / 60:.1f} min)")
     if not (args.ship or args.eval):
         return 0
-    metrics, protocol = evaluate_stage(args, final, first, device)
+    metrics, protocol = evaluate_stage(args, final, device)
     for k, v in metrics.items():
         print(f"{k}: {v}")
     if args.ship:
-        from vision.hub import read_index
-
-        train_time = (f"{elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads" if device.type == "cpu"
-                      else f"{elapsed / 60:.1f} min on {device}")
-        previous = read_index().get(args.init) if args.init else None
-        if previous:  # fine-tuned from a shipped model: record the whole chain
-            command = f"{previous['trained_with']} && {command}"
-            train_time = f"{previous['train_time']}, then {train_time}"
+        command, train_time = shipped_provenance(command, elapsed, device, args.init)
         entry = register_shipped(args.ship, final.cpu(), kind="tokenizer" if args.stage == "first" else "generator",
                                  trained_with=command, data=description, train_time=train_time, metrics=metrics,
                                  metrics_protocol=protocol)
@@ -255,7 +248,7 @@ class StageLoss(torch.nn.Module):
         return self.model.loss(inputs)
 
 
-def evaluate_stage(args, model, first, device) -> tuple[dict[str, float], str]:
+def evaluate_stage(args, model, device) -> tuple[dict[str, float], str]:
     """Held-out figures for the index entry: reconstruction PSNR (first stage), SR PSNR/LPIPS against bicubic
     (SR denoiser), or the Fréchet distance of generated digits (MNIST generator)."""
     from generators.latent_diffusion.evaluate import evaluate_first_stage, evaluate_generation, evaluate_sr

@@ -131,7 +131,7 @@ def image_lists(args) -> tuple[list, list]:
 def main(argv=None) -> int:
     from vision.data.sr import SRImplicitDownsampled
     from vision.decoders.evaluate import evaluate_upscaler
-    from vision.hub import register_shipped, save_pretrained
+    from vision.hub import register_shipped, save_pretrained, shipped_provenance
 
     args = parse(argv)
     command = "python -m apps.train_upscaler " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -178,14 +178,7 @@ def main(argv=None) -> int:
             print(f"held-out PSNR {k}: LIIF {figures[f'psnr_liif_db_{k}']:.2f} dB, "
                   f"bicubic {figures[f'psnr_bicubic_db_{k}']:.2f} dB")
         if args.ship:
-            from vision.hub import read_index
-
-            train_time = (f"{elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads" if device.type == "cpu"
-                          else f"{elapsed / 60:.1f} min on {device}")
-            previous = read_index().get(args.init) if args.init else None
-            if previous:  # fine-tuned from a shipped model: record the whole chain
-                command = f"{previous['trained_with']} && {command}"
-                train_time = f"{previous['train_time']}, then {train_time}"
+            command, train_time = shipped_provenance(command, elapsed, device, args.init)
             entry = register_shipped(
                 args.ship, final.cpu(), kind="decoder", trained_with=command,
                 data=f"{len(train_files)} photos ({', '.join(Path(p).stem for p in train_files)})",

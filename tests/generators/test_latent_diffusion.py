@@ -249,10 +249,11 @@ def test_adain_color_fix_matches_the_bicubic_channel_statistics():
     z = (raw - raw.mean(dim=(-2, -1), keepdim=True)) / raw.std(dim=(-2, -1), keepdim=True)
     zf = (fixed - fixed.mean(dim=(-2, -1), keepdim=True)) / fixed.std(dim=(-2, -1), keepdim=True)
     torch.testing.assert_close(z, zf, atol=1e-4, rtol=1e-4)
-    m.config.sampling = {"color_fix": "adain"}  # a model's own default, as the shipped ldm-sr carries it
-    m = LatentDiffusion(m.config)
+    # a model's own default (config.sampling), as the shipped ldm-sr carries one
+    own = bound(tiny("concat", sampling={"color_fix": "adain"}))
+    torch.testing.assert_close(own.upscale(lr, (13, 17), steps=2, generator=torch.Generator().manual_seed(0)), fixed)
     with pytest.raises(ValueError, match="color_fix"):
-        bound(m).upscale(lr, 9, steps=1, color_fix="nope")
+        own.upscale(lr, 9, steps=1, color_fix="nope")
 
 
 def test_wavelet_color_fix_keeps_detail_and_takes_the_reference_colours():
