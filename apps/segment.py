@@ -1,4 +1,4 @@
-"""python -m apps.segment — segment a CT/MRI volume (NIfTI or a DICOM series) into a NIfTI label map.
+"""python -m apps.segment — segment a CT/MRI volume (NIfTI or a DICOM series) into a NIfTI label map, or an image with an open vocabulary (X-Decoder).
 
     python -m apps.segment scan.nii.gz                                  # writes scan_seg.nii.gz (neunet-phantom)
     python -m apps.segment --model hbformer-phantom scan.nii.gz -o seg.nii.gz --tta
@@ -8,6 +8,10 @@
     python -m apps.segment --model results/neUNetTrainer__nnUNetPlans__3d_fullres --folds 0,1 scan.nii.gz
     python -m apps.segment --model fold_0/checkpoint_final.pth scan.nii.gz
     python -m apps.segment --model best_dice.pth --preset synapse scan.nii.gz   # HBFormer's Synapse weights
+    python -m apps.segment --model xdecoder-shapes scene.png --classes "red circle,blue cross,ground" -o overlay.png
+    python -m apps.segment --model xdecoder_focalt_last.pt photo.jpg --classes "dog,grass,sky" -o overlay.png
+    python -m apps.segment --model xdecoder_focalt_last.pt photo.jpg --task referring --prompt "the dog on the left"
+    python -m apps.segment --model xdecoder_focalt_last.pt photo.jpg --task panoptic --caption
 
 The model is a shipped name (weights/index.json), a folder written by apps.train_segmenter, an
 nnU-Net v2 result folder or checkpoint_final.pth of neU-Net (run as nnU-Net's own predictor runs
@@ -17,6 +21,11 @@ spacing, CT/MRI intensity normalisation, window, class names), see segmentation/
 (optionally with mirroring TTA), reduced to labels slab by slab so memory stays bounded. The
 label map has exactly the input's voxel grid and affine (for DICOM: the series' RAS affine).
 A table of voxel counts and volumes (ml) per class is printed.
+
+An X-Decoder (a shipped one such as xdecoder-shapes, a folder written by apps.train_segmenter --model
+xdecoder, or the released xdecoder_focalt_last.pt) segments 2-D images instead, with any class names
+(--classes), as --task semantic|panoptic|instance|referring, and --caption prints a caption; it writes a
+colour overlay and a label map (see apps/segment_image.py).
 """
 from __future__ import annotations
 
@@ -29,6 +38,8 @@ import torch
 from vision.cli import ArgumentParser, UserError, add_common_args, check_output, resolve_device, run
 
 DEFAULT_MODEL = "neunet-phantom"
+TASKS = ("semantic", "panoptic", "instance", "referring")
+IMAGE_ONLY = ("classes", "prompt", "stuff", "caption")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -57,6 +68,17 @@ def parse(argv):
                    help="skip the model's largest-connected-component post-processing")
     p.add_argument("--labels", help="class names, background first: comma-separated, or a file with one name "
                    "per line or an nnU-Net dataset.json (default: the model's names)")
+    g = p.add_argument_group("2-D images with an open-vocabulary model (X-Decoder)")
+    g.add_argument("--classes", help="class names, comma-separated (or a file with one per line); default: the "
+                   "model's vocabulary (the released COCO model: COCO panoptic's 133)")
+    g.add_argument("--task", choices=TASKS + ("none",), default="semantic",
+                   help="semantic: a class per pixel; panoptic: segments, things one by one; instance: scored "
+                   "thing masks; referring: the mask of --prompt; none: only --caption")
+    g.add_argument("--prompt", help="--task referring: a phrase naming one object, e.g. \"the dog on the left\"")
+    g.add_argument("--stuff", help="panoptic/instance: which --classes are stuff (uncountable), comma-separated; "
+                   "default: every class is a thing (the model's own vocabulary says for itself)")
+    g.add_argument("--threshold", type=float, default=0.5, help="--task instance: the least score drawn")
+    g.add_argument("--caption", action="store_true", help="print a caption of the image")
     add_common_args(p, seed=False)
     return p.parse_args(argv)
 
@@ -163,8 +185,9 @@ def _folds(text: str) -> list[str]:
     return folds
 
 
-def load_segmenter(args, device: torch.device):
-    """--model through vision.hub.resolve_model; a bare network needs --preset (and a prepared model refuses one)."""
+def load_segmenter(args, device: torch.device, model=None):
+    """--model through vision.hub.resolve_model (unless already resolved); a bare network needs --preset (and a
+    prepared model refuses one)."""
     from segmentation.nnunet import NnUNetSegmenter
     from segmentation.pipeline import Segmenter
     from segmentation.presets import apply_preset
@@ -176,7 +199,8 @@ def load_segmenter(args, device: torch.device):
         options["folds"] = _folds(args.folds)
     if args.checkpoint is not None:
         options["checkpoint"] = args.checkpoint
-    model = resolve_model(spec, kind="segmenter", **options)
+    if model is None:
+        model = resolve_model(spec, kind="segmenter", **options)
     prepared = isinstance(model, (Segmenter, NnUNetSegmenter))
     if args.preset and prepared:
         raise UserError(f"--preset {args.preset}: {spec} already says how scans are prepared for it; leave --preset out")
@@ -215,10 +239,42 @@ def volume_table(labels: np.ndarray, affine: np.ndarray, names: list[str]) -> st
     return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
 
 
+def _xdecoder_or_none(args):
+    """The model when --model is an X-Decoder (loaded once), else None; image-only options on a volume model
+    are refused."""
+    from segmentation.xdecoder import XDecoder
+    from vision.hub import read_index, resolve_model
+
+    spec = args.model
+    folder_config = Path(spec) / "config.json"
+    if spec in read_index():
+        is_x = read_index()[spec].get("architecture") == "xdecoder"
+    elif folder_config.is_file():
+        is_x = '"xdecoder"' in folder_config.read_text()
+    elif Path(spec).is_file() and args.folds is None and args.checkpoint is None:
+        is_x = None  # a released file: only loading it tells (it is loaded once, and reused below)
+    else:
+        is_x = False
+    model = None
+    if is_x is not False:
+        model = resolve_model(spec, kind="segmenter")
+        is_x = isinstance(model, XDecoder)
+    given = [f"--{k}" for k in IMAGE_ONLY if getattr(args, k)] + (["--task"] if args.task != "semantic" else [])
+    if not is_x and given:
+        raise UserError(f"{', '.join(given)}: only for an open-vocabulary image model (X-Decoder); {spec} segments volumes")
+    return model, is_x
+
+
 def main(argv=None) -> int:
     from segmentation.io import write_labels
 
     args = parse(argv)
+    loaded, is_xdecoder = _xdecoder_or_none(args)
+    if is_xdecoder:
+        from apps import segment_image
+
+        device = resolve_device(args.device)
+        return segment_image.main(args, loaded.to(device).eval(), device)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.batch < 1:
@@ -229,7 +285,7 @@ def main(argv=None) -> int:
     for src, _ in pairs[1:]:
         read_input(src)
     device = resolve_device(args.device)
-    model = load_segmenter(args, device)
+    model = load_segmenter(args, device, loaded)
     names = class_names(args, model)
     pairs[0][1].parent.mkdir(exist_ok=True)
     for i, (src, dst) in enumerate(pairs):

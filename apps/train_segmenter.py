@@ -7,6 +7,7 @@
     python -m apps.train_segmenter --model hbformer --img-size 64 --lr 1e-3 --data data/phantom8 \
         --val data/phantom_val --out runs/hbformer --steps 800 --batch-size 16       # as hbformer-phantom (~4 min)
     torchrun --nproc_per_node 4 -m apps.train_segmenter --model neunet --data /data/Task09_Spleen --out runs/ddp
+    python -m apps.train_segmenter --model xdecoder --data shapes --out runs/xdecoder --steps 4000   # X-Decoder
 
 Data: a folder in the nnU-Net / Medical Segmentation Decathlon layout, imagesTr/NAME.nii.gz (or
 NAME_0000.nii.gz) with labelsTr/NAME.nii.gz, matched by NAME, and optionally a dataset.json
@@ -77,7 +78,9 @@ def parse(argv):
     g.add_argument("--repeat", type=argtypes.positive_int, default=50, help="patches per case per epoch")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=["neunet", "hbformer"], default="neunet", help="architecture")
+    g.add_argument("--model", choices=["neunet", "hbformer", "xdecoder"], default="neunet",
+                   help="architecture (xdecoder: 2-D open-vocabulary segmentation, see apps/train_xdecoder.py and "
+                   "`--model xdecoder --help`)")
     g.add_argument("--patch", help="neU-Net patch (= inference window) x,y,z; default 64,64,32 (HBFormer: "
                    "--img-size squared slices)")
     g.add_argument("--features", default="8,16,32,48", help="neU-Net channels per stage")
@@ -360,7 +363,20 @@ def evaluate_segmenter(segmenter, cases, device, quiet: bool = True):
 # ---------------------------------------------------------------------------------------------- main
 
 
+def _wants_xdecoder(argv) -> bool:
+    import argparse
+
+    peek = argparse.ArgumentParser(add_help=False)  # the same abbreviation rules as the real parsers
+    peek.add_argument("--model")
+    known, _ = peek.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return known.model == "xdecoder"
+
+
 def main(argv=None) -> int:
+    if _wants_xdecoder(argv):  # 2-D open-vocabulary segmentation: its own data and options (apps/train_xdecoder.py)
+        from apps import train_xdecoder
+
+        return train_xdecoder.main(argv)
     from segmentation.dataset import PatchDataset
     from segmentation.evaluation import format_table
     from segmentation.losses import DeepSupervisionLoss, DiceCELoss
