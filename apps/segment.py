@@ -154,7 +154,11 @@ def class_names(args, model) -> list[str]:
     if not args.labels:
         return names
     spec = Path(args.labels)
-    if spec.is_file():
+    try:
+        is_file = spec.is_file()
+    except (OSError, ValueError):  # a long list of names is no path
+        is_file = False
+    if is_file:
         text = spec.read_text()
         if spec.suffix.lower() == ".json":
             from segmentation.dataset import read_dataset_json

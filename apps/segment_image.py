@@ -38,13 +38,20 @@ def _palette(n: int) -> np.ndarray:
                      for k in range(max(n, 1))], dtype=np.uint8)
 
 
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a long list of names is no path (ENAMETOOLONG), nor one with a NUL
+        return False
+
+
 def parse_classes(text: str | None) -> list[str] | None:
     if text is None:
         return None
-    path = Path(text)
-    raw = path.read_text().splitlines() if path.is_file() else text.split(",")
+    is_file = _is_file(text)
+    raw = Path(text).read_text().splitlines() if is_file else text.split(",")
     names = [n.strip() for n in raw]
-    names = [n for n in names if n] if path.is_file() else names
+    names = [n for n in names if n] if is_file else names
     if not names or any(not n for n in names):
         raise UserError(f"--classes {text!r}: give class names separated by commas (or a file with one per line), "
                         "none empty")

@@ -2,7 +2,7 @@
 
     python -m apps.train_segmenter --model xdecoder --data shapes --out runs/xdecoder-shapes --steps 4000
     python -m apps.train_segmenter --model xdecoder --data shapes --out runs/xd --steps 4000 --ship xdecoder-shapes
-    python -m apps.train_segmenter --model xdecoder --data my_scenes/ --init xdecoder_focalt_last.pt --out runs/ft
+    python -m apps.train_segmenter --model xdecoder --data my_scenes/ --init xdecoder_focalt_last.pt --size 512 --out runs/ft
     torchrun --nproc_per_node 4 -m apps.train_segmenter --model xdecoder --data shapes --out runs/ddp
 
 Data: `shapes` (the seeded coloured-shape scenes of vision.data.shapes, generated on the fly: only the

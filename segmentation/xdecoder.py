@@ -512,8 +512,20 @@ class XDecoder(nn.Module):
 
     def class_embeddings(self, class_names: list[str] | tuple[str, ...]) -> Tensor:
         """(K + 1, dim_proj): each class name (and "background", last) embedded with every prompt
-        template and averaged (official get_text_embeddings(names + ["background"], is_eval=True))."""
-        return self.predictor.lang_encoder.text_embeddings(list(class_names) + ["background"], prompt=True)
+        template and averaged (official get_text_embeddings(names + ["background"], is_eval=True)).
+
+        Under no_grad the result is kept for the next call with the same names (the official model stores
+        it once per vocabulary too), until any language-encoder weight changes (tracked by version)."""
+        names = tuple(class_names) + ("background",)
+        if torch.is_grad_enabled():
+            return self.predictor.lang_encoder.text_embeddings(list(names), prompt=True)
+        lang = self.predictor.lang_encoder
+        key = (names, tuple((id(p), p._version, p.device) for p in lang.parameters()))
+        cached = self.__dict__.get("_text_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, lang.text_embeddings(list(names), prompt=True))
+            self.__dict__["_text_cache"] = cached  # a plain attribute: not a buffer, not in the state dict
+        return cached[1]
 
     def grounding_embeddings(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """For referring phrases: their tokens' embeddings, concatenated over the phrases ((N, dim_proj),

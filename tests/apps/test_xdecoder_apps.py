@@ -77,6 +77,8 @@ def test_segment_semantic_referring_caption(trained, tmp_path):
     inst = np.asarray(Image.open(tmp_path / "inst_labels.png"))
     assert inst.shape == (32, 32)
     assert segment(["--model", str(model), str(image), "--task", "none", "--caption"]) == 0
+    long = ",".join(f"a rather long class name number {k}" for k in range(40))  # longer than a file name may be
+    assert segment(["--model", str(model), str(image), "--classes", long, "-o", str(tmp_path / "long.png")]) == 0
     assert not (image.parent / "scene_overlay.png").exists()  # --task none writes no image
     again = _run("apps.segment", "--model", model, image, "--classes", "red circle", "-o", out)
     _refused(again, "exists")

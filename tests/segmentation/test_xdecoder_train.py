@@ -266,3 +266,20 @@ def test_outputs_come_back_at_the_requested_size(tiny):
 
     assert working_size(500, 1000, 800, 1333) == (667, 1333) and working_size(600, 400, 800, 1333) == (1200, 800)
     assert working_size(30, 40, None, None) == (30, 40)
+
+
+def test_class_embeddings_are_kept_per_vocabulary_until_the_weights_change(tiny):
+    with torch.no_grad():
+        a = tiny.class_embeddings(["red circle", "ground"])
+        assert tiny.class_embeddings(["red circle", "ground"]) is a
+        assert not torch.equal(tiny.class_embeddings(["blue cross", "ground"])[0], a[0])
+        lang = tiny.predictor.lang_encoder
+        saved = lang.lang_proj.clone()
+        lang.lang_proj.mul_(2)  # in place, as an optimizer step or load_state_dict writes
+        try:
+            b = tiny.class_embeddings(["red circle", "ground"])
+            assert b is not a and torch.allclose(b, tiny.predictor.lang_encoder.text_embeddings(
+                ["red circle", "ground", "background"]))
+        finally:
+            lang.lang_proj.copy_(saved)
+    assert tiny.class_embeddings(["red circle", "ground"]).requires_grad  # training: never cached
