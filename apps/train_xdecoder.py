@@ -1,7 +1,7 @@
 """python -m apps.train_segmenter --model xdecoder — train an X-Decoder (open-vocabulary segmentation, referring, captions).
 
-    python -m apps.train_segmenter --model xdecoder --data shapes --out runs/xdecoder-shapes --steps 4000
-    python -m apps.train_segmenter --model xdecoder --data shapes --out runs/xd --steps 4000 --ship xdecoder-shapes
+    python -m apps.train_segmenter --model xdecoder --data shapes --out runs/xdecoder --steps 5000   # as xdecoder-shapes
+    python -m apps.train_segmenter --model xdecoder --make-shapes data/scenes 500     # a scene folder (a template)
     python -m apps.train_segmenter --model xdecoder --data my_scenes/ --init xdecoder_focalt_last.pt --size 512 --out runs/ft
     torchrun --nproc_per_node 4 -m apps.train_segmenter --model xdecoder --data shapes --out runs/ddp
 
@@ -79,6 +79,9 @@ def parse(argv):
                    help="--ship: held-out-combination test scenes (and half as many seen-class scenes)")
     add_train_args(p, batch_size=16, max_steps=4000)
     add_common_args(p)
+    for action in p._actions:  # --make-shapes needs no run folder; training checks for it in main
+        if action.dest == "out":
+            action.required = False
     return p.parse_args(argv)
 
 
@@ -177,6 +180,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.make_shapes:
         return make_shapes(args)
+    if not args.out:
+        raise UserError("--out is needed to train (or --make-shapes DIR N to write scenes)")
     command = "python -m apps.train_segmenter " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.ship and args.data != "shapes":
         raise UserError("--ship records the shapes benchmark's figures: train with --data shapes")

@@ -120,3 +120,18 @@ def test_torchrun_two_processes_train(tmp_path):
     state = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in state.values())
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_make_shapes_writes_a_scene_folder_without_a_run_folder(tmp_path):
+    from apps.train_segmenter import main as train
+    from vision.cli import UserError
+    from vision.data.scene_folder import SceneFolder
+
+    assert train(["--model", "xdecoder", "--make-shapes", str(tmp_path / "scenes"), "3", "--size", "32"]) == 0
+    assert len(SceneFolder(tmp_path / "scenes", size=32)) == 3
+    with pytest.raises(UserError, match="exists"):
+        train(["--model", "xdecoder", "--make-shapes", str(tmp_path / "scenes"), "3"])
+    with pytest.raises(UserError, match="--out is needed"):
+        train(["--model", "xdecoder", "--data", str(tmp_path / "scenes")])
+    with pytest.raises(UserError, match="--data"):
+        train(["--model", "xdecoder", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
