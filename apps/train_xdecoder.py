@@ -210,8 +210,6 @@ def main(argv=None) -> int:
     loss = XDecoderLoss(args.points, top_layers={"captioning": args.caption_layers})
     models = trainer.prepare({"xdecoder": Objective(model, loss, classes, args.seed)}, {"adamw": opt},
                              {"adamw": sched}, ema_of="xdecoder")
-    for group in opt.param_groups:  # a run resumed with another --steps follows the new schedule from here
-        group["lr"] = group["initial_lr"] * schedule(trainer.step)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{description}; {len(classes)} classes; X-Decoder ({args.preset if not args.init else args.init}) "
           f"{n_params:.2f} M parameters", file=sys.stderr)

@@ -139,8 +139,9 @@ def test_ema_warmup_is_litema_and_survives_a_restart():
 # ---------------------------------------------------------------- run folders: never clobbered, --overwrite, Ctrl-C
 
 
-def toy_trainer(argv, on_step=None):
-    """A trainer as an app writes one (vision.cli parser + add_train_args): 6 steps, a checkpoint every 3."""
+def toy_trainer(argv, on_step=None, schedule=None):
+    """A trainer as an app writes one (vision.cli parser + add_train_args): 6 steps, a checkpoint every 3;
+    `schedule(optimizer, steps)` adds a learning-rate scheduler built from --steps."""
     from torch import nn
 
     from tests.helpers.tiny_train import Toy
@@ -154,7 +155,9 @@ def toy_trainer(argv, on_step=None):
     torch.manual_seed(args.seed)
     trainer = Trainer(train_config_from_args(args, "cpu"), Toy())
     model = nn.Linear(8, 1)
-    models = trainer.prepare({"model": model}, {"opt": torch.optim.SGD(model.parameters(), lr=0.05)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    schedulers = {"opt": schedule(opt, args.steps)} if schedule else None
+    models = trainer.prepare({"model": model}, {"opt": opt}, schedulers)
 
     def loss(batch, step):
         if on_step is not None:
@@ -166,11 +169,11 @@ def toy_trainer(argv, on_step=None):
     return 0
 
 
-def run_toy(argv, capsys, on_step=None) -> tuple[int, str]:
+def run_toy(argv, capsys, on_step=None, schedule=None) -> tuple[int, str]:
     from vision.cli import run
 
     with pytest.raises(SystemExit) as exit_:
-        run(lambda a: toy_trainer(a, on_step), argv)
+        run(lambda a: toy_trainer(a, on_step, schedule), argv)
     return exit_.value.code, capsys.readouterr().err
 
 
@@ -262,3 +265,39 @@ def test_ctrl_c_says_how_to_continue(tmp_path, capsys):
     assert run_toy(["--out", str(new), "--resume"], capsys)[0] == 0
     assert [r["step"] for r in strip_times(new / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "run"]  # the interrupted staging folder is gone
+
+
+SCHEDULES = {  # each one's shape depends on --steps, as the apps build theirs
+    "poly": lambda opt, steps: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - min(s, steps - 1) / steps) ** 0.9),
+    "multistep": lambda opt, steps: torch.optim.lr_scheduler.MultiStepLR(opt, [steps * 3 // 4], gamma=0.1),
+    "onecycle": lambda opt, steps: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps),
+}
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_resume_follows_the_schedule_of_the_new_steps(tmp_path, capsys, kind):
+    """A run resumed with a larger --steps uses, from its first resumed step on, the learning rates of a run
+    started with that --steps (the old code kept the optimizer's stored rate for a step, MultiStepLR's old
+    milestones and OneCycleLR's old total, which raised); a plain resume stays bit for bit."""
+    def recorder(lrs):
+        return lambda trainer, step: lrs.setdefault(trainer.step, trainer.optimizers["opt"].param_groups[0]["lr"])
+
+    straight, first, resumed = {}, {}, {}
+    assert run_toy(["--out", str(tmp_path / "a"), "--steps", "12"], capsys, recorder(straight), SCHEDULES[kind])[0] == 0
+    assert run_toy(["--out", str(tmp_path / "b"), "--steps", "6"], capsys, recorder(first), SCHEDULES[kind])[0] == 0
+    assert run_toy(["--out", str(tmp_path / "b"), "--steps", "12", "--resume"], capsys, recorder(resumed),
+                   SCHEDULES[kind])[0] == 0
+    assert sorted(resumed) == list(range(6, 12))
+    assert [resumed[s] for s in range(6, 12)] == pytest.approx([straight[s] for s in range(6, 12)], rel=1e-12)
+    assert first[5] != pytest.approx(straight[5])  # the two schedules do differ before the resume
+
+    def interrupt_at(n):
+        def hook(trainer, step):
+            if step == n:
+                raise KeyboardInterrupt
+        return hook
+
+    assert run_toy(["--out", str(tmp_path / "c"), "--steps", "12"], capsys, interrupt_at(8), SCHEDULES[kind])[0] == 130
+    assert run_toy(["--out", str(tmp_path / "c"), "--steps", "12", "--resume"], capsys, None, SCHEDULES[kind])[0] == 0
+    a, c = torch.load(tmp_path / "a/final.pt"), torch.load(tmp_path / "c/final.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)

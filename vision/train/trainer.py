@@ -280,7 +280,7 @@ class Trainer:
             for k, o in self.optimizers.items():
                 o.load_state_dict(state["optimizers"][k])
         for k, s in self.schedulers.items():
-            s.load_state_dict(state["schedulers"][k])
+            _resume_schedule(s, state["schedulers"][k])
         for k, s in self.extra.items():
             s.load_state_dict(state["extra"][k])
         if self.ema is not None and state["ema"] is not None:
@@ -456,6 +456,47 @@ def plot_metrics(jsonl: Path, png: Path) -> Path | None:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return png
+
+
+_SCHEDULE_POSITION = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step")
+
+
+def _resume_schedule(scheduler: Any, saved: dict[str, Any]) -> None:
+    """Continue a learning-rate schedule at the checkpoint's step, with the schedule this command built.
+
+    A schedule's shape (milestones, total steps, lambdas) comes from the command line, e.g. `--steps`; a
+    run resumed with another `--steps` must follow the new one from its first step on, not keep the old
+    milestones (MultiStepLR and OneCycleLR store them) or the old learning rate for a step (the optimizer's
+    stored lr). Only the position is taken from the checkpoint; the learning rate is then the closed form
+    at that position. When nothing but the position differs, the stored rates stay untouched, so a plain
+    resume is bit for bit the uninterrupted run (LambdaLR's closed form is what its step computed anyway).
+    """
+    fresh = scheduler.state_dict()
+    if not hasattr(scheduler, "optimizer") or "last_epoch" not in saved:
+        scheduler.load_state_dict(saved)
+        return
+    shape_changed = any(k not in saved or saved[k] != v for k, v in fresh.items()
+                        if k not in _SCHEDULE_POSITION and not k.startswith("lr_lambda"))
+    position = {k: saved[k] for k in _SCHEDULE_POSITION if k in saved}
+    if not shape_changed and not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.load_state_dict(saved)
+        return
+    scheduler.__dict__.update(position)
+    closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+    if closed_form is not None:
+        lrs = closed_form()
+    else:  # get_lr is the closed form for LambdaLR and OneCycleLR
+        scheduler._get_lr_called_within_step = True
+        try:
+            lrs = scheduler.get_lr()
+        except ValueError as e:  # OneCycleLR past its total steps
+            raise UserError(f"--resume: the learning-rate schedule cannot continue at step "
+                            f"{scheduler.last_epoch}: {e}") from None
+        finally:
+            scheduler._get_lr_called_within_step = False
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
