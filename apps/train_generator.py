@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     hp = {**model.training_defaults, **{k: v for k, v in (("lr", args.lr), ("weight_decay", args.weight_decay),
                                                           ("warmup_steps", args.warmup_steps),
                                                           ("grad_clip", args.grad_clip)) if v is not None}}
-    config = train_config_from_args(args, str(device))
+    config = train_config_from_args(args, str(device), command)
     config.fsdp = args.fsdp
     try:
         trainer = Trainer(config, cache)
@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         final = type(model)(model.config)
         final.load_state_dict({k.removeprefix("generator."): v for k, v in state.items()})
     final = final.eval()
-    from vision.hub import register_shipped, save_pretrained
+    from generators.base import presets
+    from vision.hub import read_index, register_shipped, save_pretrained, shipped_provenance
 
     out = Path(args.out)
     save_pretrained(final, out / "model")
@@ -139,11 +140,12 @@ def main(argv=None) -> int:
         metrics, protocol = {}, "none measured"
         if cache.meta.get("data") == "mnist5k":
             metrics, protocol = _digit_metrics(final, cache, trainer.device, args.seed)
-        where = f"{torch.get_num_threads()} CPU threads" if trainer.device.type == "cpu" else str(trainer.device)
-        entry = register_shipped(args.ship, final.cpu(), kind="generator", trained_with=command,
+        shipped = args.model if args.model not in presets() and args.model in read_index() else None
+        trained_with, train_time = shipped_provenance(trainer, command, shipped)
+        entry = register_shipped(args.ship, final.cpu(), kind="generator", trained_with=trained_with,
                                  data=f"token cache {args.tokens} ({cache.tokenizer}, {len(cache)} items, data "
                                       f"{cache.meta.get('data')})",
-                                 train_time=f"{elapsed / 60:.1f} min on {where}", metrics=metrics,
+                                 train_time=train_time, metrics=metrics,
                                  metrics_protocol=protocol)
         print(f"shipped as {args.ship}: weights/{entry['file']}")
     return 0

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         # digits are not flipped or transposed (a generator would learn mirrored digits); photo crops are, as official
         mnist = args.data == "mnist5k"
         data = HRCrops(images, crop=args.crop, factor=f, repeat=1 if mnist else args.repeat, augment=not mnist)
-        config = train_config_from_args(args, str(device))
+        config = train_config_from_args(args, str(device), command)
         config.ema_warmup = True  # the official LitEma's warm-up (a fixed-decay average of a short run keeps the init)
         trainer = Trainer(config, data)
     except ValueError as e:
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     for k, v in metrics.items():
         print(f"{k}: {v}")
     if args.ship:
-        command, train_time = shipped_provenance(command, elapsed, device, args.init)
+        command, train_time = shipped_provenance(trainer, command, args.init)
         entry = register_shipped(args.ship, final.cpu(), kind="tokenizer" if args.stage == "first" else "generator",
                                  trained_with=command, data=description, train_time=train_time, metrics=metrics,
                                  metrics_protocol=protocol)

@@ -380,7 +380,7 @@ def main(argv=None) -> int:
     from segmentation.dataset import PatchDataset
     from segmentation.evaluation import format_table
     from segmentation.losses import DeepSupervisionLoss, DiceCELoss
-    from vision.hub import register_shipped, save_pretrained
+    from vision.hub import register_shipped, save_pretrained, shipped_provenance
 
     args = parse(argv)
     if args.make_phantoms:
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
     try:
         data = PatchDataset(images, labels, segmenter.config.window, num_classes=segmenter.num_classes,
                             samples_per_epoch=len(images) * args.repeat, fg_fraction=args.fg_fraction)
-        trainer = Trainer(train_config_from_args(args, str(device)), data)
+        trainer = Trainer(train_config_from_args(args, str(device), command), data)
     except ValueError as e:
         raise UserError(str(e)) from None
     lr = args.lr or DEFAULT_LR[args.model]
@@ -471,16 +471,15 @@ def main(argv=None) -> int:
         print(format_table(result))
         write_json(Path(args.out) / "val_metrics.json", result.flat_metrics())
         if args.ship:
-            threads = torch.get_num_threads()
+            trained_with, train_time = shipped_provenance(trainer, command)
             entry = register_shipped(
-                args.ship, final.cpu(), kind="segmenter", trained_with=command,
+                args.ship, final.cpu(), kind="segmenter", trained_with=trained_with,
                 data=f"{len(train)} cases from {args.data} ({meta.get('description', 'NIfTI pairs')})"
                 + (f", written by `{meta['command']}`" if meta.get("command") else "")
                 + (f", {len(choose_on)} of its cases held out of training to choose the post-processing "
                    f"({', '.join(n for n, _, _ in choose_on)})" if choose_on else "")
                 + (f"; held-out {args.val}" + (f" written by `{val_meta['command']}`" if val_meta.get("command") else "")),
-                train_time=f"{elapsed / 60:.1f} min on {threads} CPU thread(s)" if device.type == "cpu"
-                else f"{elapsed / 60:.1f} min on {device}",
+                train_time=train_time,
                 metrics=result.flat_metrics(),
                 metrics_protocol=f"held-out {args.val} ({len(val)} cases), segmented with the defaults of apps.segment "
                 f"(overlap {segmenter.config.overlap}, no TTA), Dice and HD95 in mm per case averaged per class "

@@ -247,7 +247,7 @@ def save_grid(model, images: torch.Tensor, path: Path) -> None:
 
 def main(argv=None) -> int:
     from tokenizers.vqrae import VQRAE
-    from vision.hub import register_shipped, save_pretrained
+    from vision.hub import register_shipped, save_pretrained, shipped_provenance
 
     args = parse(argv)
     command = "python -m apps.train_tokenizer " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     data = build_data(args, size)
     crit = build_loss(args, model)
     try:
-        trainer = Trainer(train_config_from_args(args, str(device)), data)
+        trainer = Trainer(train_config_from_args(args, str(device), command), data)
     except ValueError as e:
         raise UserError(str(e)) from None
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -317,10 +317,11 @@ def main(argv=None) -> int:
     print("  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
     if args.ship:
         codes = ", codebook utilisation and perplexity over all their ids" if "utilisation" in figures else ""
+        trained_with, train_time = shipped_provenance(trainer, command)
         entry = register_shipped(
-            args.ship, final.cpu(), kind="tokenizer", trained_with=command,
+            args.ship, final.cpu(), kind="tokenizer", trained_with=trained_with,
             data="MNIST-5k training split (4000 digits, 32x32)" if args.data == "mnist5k" else str(args.data),
-            train_time=f"{elapsed / 60:.1f} min on {device}", metrics={k: round(v, 4) for k, v in figures.items()},
+            train_time=train_time, metrics={k: round(v, 4) for k, v in figures.items()},
             metrics_protocol="reconstruction of the 1000 held-out MNIST-5k digits (uint8 round trip): "
                              f"PSNR in dB on [0, 1]{codes}"
                              if args.data == "mnist5k" else "reconstruction of the first 256 training images")

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     try:
-        trainer = Trainer(train_config_from_args(args, str(device)), data)
+        trainer = Trainer(train_config_from_args(args, str(device), command), data)
     except ValueError as e:
         raise UserError(str(e)) from None
     model = build_model(args)
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
             print(f"held-out PSNR {k}: LIIF {figures[f'psnr_liif_db_{k}']:.2f} dB, "
                   f"bicubic {figures[f'psnr_bicubic_db_{k}']:.2f} dB")
         if args.ship:
-            command, train_time = shipped_provenance(command, elapsed, device, args.init)
+            command, train_time = shipped_provenance(trainer, command, args.init)
             entry = register_shipped(
                 args.ship, final.cpu(), kind="decoder", trained_with=command,
                 data=f"{len(train_files)} photos ({', '.join(Path(p).stem for p in train_files)})",

@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     model.config.class_names = tuple(classes)
     model.config.is_thing = tuple(getattr(data, "is_thing", [c != "ground" for c in classes]))
     try:
-        trainer = Trainer(train_config_from_args(args, str(device)), data, collate_fn=collate_scenes)
+        trainer = Trainer(train_config_from_args(args, str(device), command), data, collate_fn=collate_scenes)
     except ValueError as e:
         raise UserError(str(e)) from None
     lr = args.lr or (1e-4 if args.init else 5e-4)
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         metrics = {k: round(v, 4) for k, v in result.flat().items()}
         for k, v in metrics.items():
             print(f"{k}: {v}")
-        command, train_time = shipped_provenance(command, elapsed, device, args.init)
+        command, train_time = shipped_provenance(trainer, command, args.init)
         entry = register_shipped(
             args.ship, final.cpu(), kind="segmenter", trained_with=command, data=description, train_time=train_time,
             metrics=metrics,

@@ -209,16 +209,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def shipped_provenance(command: str, seconds: float, device: torch.device, init: str | None = None
-                       ) -> tuple[str, str]:
-    """(trained_with, train_time) for an index entry; a run fine-tuned from a shipped model (`init`) records the
+def shipped_provenance(trainer, command: str, init: str | None = None) -> tuple[str, str]:
+    """(trained_with, train_time) for an index entry: the run's commands and time (`Trainer.provenance`: every
+    command that trained it, when it was resumed); a run fine-tuned from a shipped model (`init`) records the
     whole chain, the shipped model's command and time first."""
-    where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else str(device)
-    train_time = f"{seconds / 60:.1f} min on {where}"
+    trained_with, train_time = trainer.provenance(command)
     previous = read_index().get(init) if init else None
     if previous:
-        return f"{previous['trained_with']} && {command}", f"{previous['train_time']}, then {train_time}"
-    return command, train_time
+        return f"{previous['trained_with']} && {trained_with}", f"{previous['train_time']}, then {train_time}"
+    return trained_with, train_time
 
 
 def register_shipped(name: str, model: nn.Module, *, kind: str, trained_with: str, data: str,

@@ -1,5 +1,6 @@
 """Training toolkit: exact resume after SIGKILL, torn checkpoint writes, 2-process DDP == 1 process, NaN stop."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +154,7 @@ def toy_trainer(argv, on_step=None, schedule=None):
     add_common_args(p)
     args = p.parse_args([*argv, "--quiet"])
     torch.manual_seed(args.seed)
-    trainer = Trainer(train_config_from_args(args, "cpu"), Toy())
+    trainer = Trainer(train_config_from_args(args, "cpu", "toy " + " ".join(argv)), Toy())
     model = nn.Linear(8, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     schedulers = {"opt": schedule(opt, args.steps)} if schedule else None
@@ -166,6 +167,7 @@ def toy_trainer(argv, on_step=None, schedule=None):
 
     trainer.fit([Phase("mse", "opt", loss, models=("model",))])
     torch.save(model.state_dict(), trainer.out / "final.pt")
+    (trainer.out / "provenance.json").write_text(json.dumps(trainer.provenance("toy " + " ".join(argv))))
     return 0
 
 
@@ -301,3 +303,33 @@ def test_resume_follows_the_schedule_of_the_new_steps(tmp_path, capsys, kind):
     assert run_toy(["--out", str(tmp_path / "c"), "--steps", "12", "--resume"], capsys, None, SCHEDULES[kind])[0] == 0
     a, c = torch.load(tmp_path / "a/final.pt"), torch.load(tmp_path / "c/final.pt")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_provenance_names_every_command_that_trained_the_run(tmp_path, capsys):
+    """A run trained by one command reports it; a resumed run reports each command with its steps and time
+    (a session interrupted after a checkpoint counts up to that checkpoint; one that never saved, not at all)."""
+    one = tmp_path / "one"
+    assert run_toy(["--out", str(one)], capsys)[0] == 0
+    trained_with, train_time = json.loads((one / "provenance.json").read_text())
+    assert trained_with == f"toy --out {one}"
+    assert re.fullmatch(r"\d+\.\d min on \d+ CPU threads?", train_time)
+
+    def interrupt_at(n):
+        def hook(trainer, step):
+            if step == n:
+                raise KeyboardInterrupt
+        return hook
+
+    run = tmp_path / "run"
+    a, b, c = ["--out", str(run), "--steps", "6"], ["--out", str(run), "--steps", "12", "--resume"], \
+        ["--out", str(run), "--steps", "12", "--resume", "--log-every", "2"]
+    assert run_toy(a, capsys)[0] == 0
+    assert run_toy(b, capsys, interrupt_at(8))[0] == 130  # no checkpoint in this session: it trained nothing kept
+    assert run_toy(b, capsys, interrupt_at(11))[0] == 130  # checkpoint at step 9, then interrupted
+    assert run_toy(c, capsys)[0] == 0
+    trained_with, train_time = json.loads((run / "provenance.json").read_text())
+    assert trained_with == (f"toy {' '.join(a)} (steps 1-6), then toy {' '.join(b)} (steps 7-9), "
+                            f"then toy {' '.join(c)} (steps 10-12)")
+    assert re.fullmatch(r"\d+\.\d min \((\d+\.\d min on \d+ CPU threads?(, then )?){3}\)", train_time), train_time
+    lines = [json.loads(ln) for ln in (run / "sessions.jsonl").read_text().splitlines()]
+    assert [ln["from_step"] for ln in lines] == [0, 6, 9]

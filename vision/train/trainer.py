@@ -58,6 +58,7 @@ class TrainConfig:
     fsdp: bool = False  # shard trainable models over the processes (torch FSDP2) instead of DDP
     quiet: bool = False
     device: str = "cpu"
+    command: str | None = None  # the command line, recorded in the run folder's sessions.jsonl (provenance)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -120,11 +121,12 @@ def _check_out(args: argparse.Namespace) -> None:
         check_run_folder(args.out, resume=args.resume, overwrite=getattr(args, "overwrite", False))
 
 
-def train_config_from_args(args: argparse.Namespace, device: str) -> TrainConfig:
+def train_config_from_args(args: argparse.Namespace, device: str, command: str | None = None) -> TrainConfig:
     return TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        seed=args.seed, amp=args.amp, ema_decay=args.ema, checkpoint_every=args.checkpoint_every,
                        log_every=args.log_every, num_workers=args.workers, resume=args.resume,
-                       overwrite=getattr(args, "overwrite", False), quiet=args.quiet, device=device)
+                       overwrite=getattr(args, "overwrite", False), quiet=args.quiet, device=device,
+                       command=command)
 
 
 class Trainer:
@@ -157,6 +159,8 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.train_seconds = 0.0  # wall time spent in fit() over the whole run, resumed sessions included
+        self._session: dict[str, Any] | None = None  # this process's line of sessions.jsonl, once it is written
+        self._session_start = (0, 0.0)  # (step, train_seconds) when this process's session began
         self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp == "fp16" and self.device.type == "cuda")
 
     @property
@@ -185,6 +189,12 @@ class Trainer:
     @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
+
+    @property
+    def sessions_path(self) -> Path:
+        """One line per command that trained this run (its command, first step, time before it, where it ran):
+        what `provenance` reports for a run that was resumed, possibly with other options or threads."""
+        return self.out / "sessions.jsonl"
 
     # ------------------------------------------------------------------ set-up
 
@@ -221,6 +231,7 @@ class Trainer:
             self.run.create()
         if self.config.resume:
             self._resume()
+        self._session_start = (self.step, self.train_seconds)
         set_active(self.run)
         barrier(self.dist)
         return self.models
@@ -254,6 +265,7 @@ class Trainer:
             fsdp.save_sharded(fsdp.sharded_state(self.raw, self.optimizers), self.ckpt_path.parent / shards)
             state["sharded"] = shards
         if self.dist.is_main:
+            self._record_session()
             save_checkpoint(state, self.ckpt_path)
             if self.sharded:
                 fsdp.remove_stale(self.ckpt_path.parent, keep=state["sharded"])
@@ -261,6 +273,49 @@ class Trainer:
         barrier(self.dist)
         self.run.committed()
         self.run.saved_step = self.step
+
+    def _record_session(self) -> None:
+        """Write this command's line into sessions.jsonl before its first checkpoint (then the checkpoint is
+        never ahead of the record)."""
+        if self._session is not None or self.config.command is None:
+            return
+        self._session = {"command": self.config.command, "from_step": self._session_start[0],
+                         "seconds_before": round(self._session_start[1], 3), "where": describe_device(self)}
+        old = self.sessions_path.read_text() if self.sessions_path.is_file() else ""
+        with atomic_path(self.sessions_path) as tmp:
+            tmp.write_text(old + json.dumps(self._session) + "\n")
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """The commands that trained the model as it is now, oldest first, each with `from_step`, `to_step`
+        and `seconds`: recorded sessions cut where a later one resumed (a session interrupted after its last
+        checkpoint trained nothing that survived). Empty for a run from before sessions were recorded."""
+        try:
+            lines = [json.loads(ln) for ln in self.sessions_path.read_text().splitlines() if ln.strip()]
+        except (OSError, ValueError):
+            return []
+        kept: list[dict[str, Any]] = []
+        for line in lines:
+            while kept and kept[-1]["from_step"] >= line["from_step"]:
+                kept.pop()
+            kept.append(dict(line))
+        kept = [s for s in kept if s["from_step"] < self.step]
+        for i, s in enumerate(kept):
+            later = kept[i + 1] if i + 1 < len(kept) else None
+            s["to_step"] = later["from_step"] if later else self.step
+            s["seconds"] = (later["seconds_before"] if later else self.train_seconds) - s["seconds_before"]
+        return kept
+
+    def provenance(self, command: str) -> tuple[str, str]:
+        """(trained_with, train_time) of the model as it is now: `command` and this process's device when the
+        run was trained by one command; else every command with its steps, and the time of each."""
+        sessions = self.sessions()
+        total = f"{self.train_seconds / 60:.1f} min"
+        if len(sessions) <= 1:
+            where = sessions[0]["where"] if sessions else describe_device(self)
+            return (sessions[0]["command"] if sessions else command), f"{total} on {where}"
+        trained_with = ", then ".join(f"{s['command']} (steps {s['from_step'] + 1}-{s['to_step']})" for s in sessions)
+        parts = ", then ".join(f"{s['seconds'] / 60:.1f} min on {s['where']}" for s in sessions)
+        return trained_with, f"{total} ({parts})"
 
     def _resume(self) -> None:
         if not self.ckpt_path.is_file():
@@ -456,6 +511,15 @@ def plot_metrics(jsonl: Path, png: Path) -> Path | None:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return png
+
+
+def describe_device(trainer: Trainer) -> str:
+    """Where a run trains, for provenance: "2 CPU threads", "cuda:0", "4 processes x cuda"."""
+    d = trainer.device
+    one = f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}" if d.type == "cpu" \
+        else str(d)
+    n = trainer.dist.world_size
+    return one if n == 1 else f"{n} processes x " + (one if d.type == "cpu" else d.type)
 
 
 _SCHEDULE_POSITION = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step")
