@@ -10,20 +10,40 @@ flipped left-right, and training picks one of the two at random (LlamaGen's and 
 """
 from __future__ import annotations
 
-import shutil
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 from vision.cli import ArgumentParser, UserError, add_common_args, progress, resolve_device, run
+from vision.output_folder import FolderKind, check_folder_output, first_foreign, publish_folder, remove_staging, staging_for
+
+
+def _not_a_cache(folder: Path) -> Path | None:
+    """The first entry of `folder` that is not part of a token cache this program wrote (None: all are)."""
+    from vision.data.token_cache import FORMAT, INDEX
+
+    foreign = first_foreign(folder, r"index\.json|r\d+-\d{5,}\.safetensors")
+    if foreign is not None:
+        return foreign
+    index = folder / INDEX
+    if not index.exists():
+        return min(folder.iterdir(), default=None)  # shards without an index (None: an empty folder)
+    try:
+        return None if json.loads(index.read_text()).get("format") == FORMAT else index
+    except (OSError, ValueError, AttributeError):  # unreadable, or JSON that is no object
+        return index
+
+
+CACHE = FolderKind("a token cache (index.json and its shards)", _not_a_cache)
 
 
 def parse(argv):
     p = ArgumentParser(prog="python -m apps.extract_tokens", description=__doc__.split("\n\n")[0].split(" — ")[1])
     p.add_argument("--tokenizer", required=True, help="shipped tokenizer name, a save_pretrained folder or a released file")
     p.add_argument("--data", required=True, help="ImageNet-layout (or flat) image folder, or 'mnist5k' (its training split)")
-    p.add_argument("--out", required=True, help="the cache folder to create")
+    p.add_argument("--out", required=True, help="the cache folder to create (--overwrite replaces only a token cache)")
     p.add_argument("--image-size", type=int, default=None,
                    help="square crop side (default: the tokenizer's training size; MNIST digits are 32)")
     p.add_argument("--flip", action="store_true", help="also store the tokens of each image flipped left-right")
@@ -43,11 +63,7 @@ def main(argv=None) -> int:
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise UserError(f"output folder {out.parent} does not exist")
+    out = check_folder_output(args.out, args.overwrite, CACHE)
     info = setup_distributed(resolve_device(args.device))
     tokenizer = resolve_model(args.tokenizer, kind="tokenizer", device=info.device)
     size = args.image_size or getattr(getattr(tokenizer, "config", None), "image_size", None) or 32
@@ -61,9 +77,9 @@ def main(argv=None) -> int:
     else:
         raise UserError(f"--data {args.data}: no such folder (or 'mnist5k')")
 
-    staging = out.parent / f".{out.name}.partial"
-    if info.is_main and staging.exists():
-        shutil.rmtree(staging)
+    staging = staging_for(out)
+    if info.is_main:
+        remove_staging(out)
     barrier(info)
     staging.mkdir(exist_ok=True)
     try:
@@ -73,20 +89,13 @@ def main(argv=None) -> int:
             write_index(staging, tokenizer=str(args.tokenizer), spec=spec, fields=fields, shards=all_shards,
                         flip=args.flip, data=str(args.data), image_size=size, num_classes=len(data.classes),
                         classes=list(data.classes))
-            old = None
-            if out.exists():
-                old = out.parent / f".{out.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                out.rename(old)
-            staging.rename(out)
-            if old is not None:
-                shutil.rmtree(old)
+            publish_folder(staging, out, args.overwrite, CACHE)
             if not args.quiet:
                 print(f"{sum(s['count'] for s in all_shards)} items ({', '.join(fields)}) -> {out}", file=sys.stderr)
         barrier(info)
     except BaseException:
         if info.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_staging(out)
         raise
     teardown_distributed()
     return 0

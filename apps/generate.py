@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,11 @@ import numpy as np
 import torch
 
 from vision.cli import ArgumentParser, UserError, add_common_args, atomic_output, check_output, progress, resolve_device, run
+from vision.output_folder import FolderKind, check_folder_output, first_foreign, publish_folder, remove_staging, staging_for
+
+# what --out-dir writes, and so all that --overwrite may replace: DIR/<label>/NNNNN.png (unconditional: DIR/NNNNN.png)
+SAMPLES = FolderKind("a folder of generated samples (DIR/<label>/NNNNN.png)",
+                     lambda folder: first_foreign(folder, r"\d{5,}\.png", {r"\d+": r"\d{5,}\.png"}))
 
 
 def parse_labels(text: str | None) -> list[int] | None:
@@ -91,7 +95,8 @@ def parse(argv):
     own = sampler_option_args(p)
     o = p.add_argument_group("outputs")
     o.add_argument("-o", "--output", help="a grid image, one row per label")
-    o.add_argument("--out-dir", help="one PNG per sample, in DIR/<label>/ (the layout evaluate --labels-from-folders reads)")
+    o.add_argument("--out-dir", help="one PNG per sample, in DIR/<label>/ (the layout evaluate --labels-from-folders "
+                   "reads); --overwrite replaces only a folder of this layout")
     o.add_argument("--json", help="write images, wall_time_s, images_per_s, nfe, draft_nfe, mean_accepted, peak_memory_mb")
     add_common_args(p)
     return p.parse_args(argv), own
@@ -146,12 +151,11 @@ def main(argv=None) -> int:
         from vision.data.images import format_for_path
 
         format_for_path(args.output)
-    out_dir = Path(args.out_dir) if args.out_dir else None
-    if out_dir is not None:
-        if out_dir.exists() and not args.overwrite:
-            raise UserError(f"{out_dir} exists; pass --overwrite to replace it")
-        if not out_dir.parent.exists():
-            raise UserError(f"output folder {out_dir.parent} does not exist")
+    out_dir = check_folder_output(args.out_dir, args.overwrite, SAMPLES) if args.out_dir else None
+    for path in outputs:
+        if out_dir is not None and out_dir.resolve() in path.resolve().parents:
+            raise UserError(f"{path} is inside --out-dir {out_dir}, which is written (and replaced) as a whole; "
+                            "write it elsewhere")
 
     device = resolve_device(args.device)
     info = setup_distributed(device)
@@ -194,15 +198,15 @@ def main(argv=None) -> int:
     mine = [b for b in range(len(batches)) if b % info.world_size == info.rank]
     staging = None
     if out_dir is not None:
-        staging = out_dir.parent / f".{out_dir.name}.partial"
-        if info.is_main and staging.exists():
-            shutil.rmtree(staging)
+        staging = staging_for(out_dir)
+        if info.is_main:
+            remove_staging(out_dir)
         barrier(info)
     try:
         _generate(args, pipe, labels, plan, batches, mine, options, staging, out_dir, info, device)
     except BaseException:
-        if staging is not None and staging.exists():  # never leave a half-written folder behind
-            shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None and info.is_main:  # never leave a half-written folder behind
+            remove_staging(out_dir)
         raise
     teardown_distributed()
     return 0
@@ -246,7 +250,7 @@ def _generate(args, pipe, labels, plan, batches, mine, options, staging, out_dir
             with atomic_output(args.output, args.overwrite) as tmp:
                 save_image(_grid(plan, images, labels), tmp, format=_fmt(args.output))
         if staging is not None:
-            _publish(staging, out_dir, args.overwrite)
+            publish_folder(staging, out_dir, args.overwrite, SAMPLES)
         n = len(plan)
         figures = {"images": n, "wall_time_s": round(totals["wall"], 4),
                    "images_per_s": n / totals["wall"] if totals["wall"] > 0 else 0.0,
@@ -311,21 +315,6 @@ def _fmt(path: str) -> str:
     from vision.data.images import format_for_path
 
     return format_for_path(path)
-
-
-def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    """Make the finished folder visible under its name in one rename (an old one is removed only after)."""
-    old = None
-    if out_dir.exists():
-        if not overwrite:
-            raise UserError(f"{out_dir} exists; pass --overwrite to replace it")
-        old = out_dir.parent / f".{out_dir.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ come back at the image's own size (bilinear, official sem_seg_postprocess).
 
 Writes -o OVERLAY (the image with a translucent colour per class/segment, default NAME_overlay.png) and
 beside it OVERLAY_labels.png: a label map (8- or 16-bit PNG) where 0 is unlabelled and k + 1 is class k of the
-printed table (panoptic/instance: segment id; referring: 1 inside the mask). Outputs are written atomically.
+printed table (panoptic/instance: segment id; referring: 1 inside the mask). The pair is written as one: both
+files go to temporaries first and are then renamed, the label map first and the overlay last, so an interrupted
+run leaves the old pair, or (within the moment between the two renames) a new label map beside the old overlay,
+never a new overlay beside an old label map.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vision.cli import UserError, atomic_output, check_output
+from vision.atomic import atomic_path
+from vision.cli import UserError, check_output
 
 TASKS = ("semantic", "panoptic", "instance", "referring")
 
@@ -106,9 +110,14 @@ def outputs_for(args, src: Path) -> tuple[Path | None, Path | None]:
     return overlay, labels
 
 
-def _write_png(array: np.ndarray, path: Path, overwrite: bool) -> None:
-    with atomic_output(path, overwrite) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+def _write_pair(overlay: np.ndarray, overlay_path: Path, labels: np.ndarray, labels_path: Path,
+                overwrite: bool) -> None:
+    """Both PNGs to temporaries, then renamed: the label map, then the overlay (the module's docstring)."""
+    with atomic_path(overlay_path) as overlay_tmp, atomic_path(labels_path) as labels_tmp:  # the inner renames first
+        Image.fromarray(labels).save(labels_tmp, format="PNG")
+        Image.fromarray(overlay).save(overlay_tmp, format="PNG")
+        for path in (overlay_path, labels_path):
+            check_output(path, overwrite)  # one may have appeared while we worked
 
 
 def _label_png(labels: np.ndarray) -> np.ndarray:
@@ -208,8 +217,7 @@ def main(args, model, device: torch.device) -> int:
         colours = _palette(1)
         rows = [("id", "prompt", "pixels %"), ("1", args.prompt, f"{100 * labels.mean():.1f}")]
     if overlay_path is not None:
-        _write_png(blend(rgb, labels, colours), overlay_path, args.overwrite)
-        _write_png(_label_png(labels), labels_path, args.overwrite)
+        _write_pair(blend(rgb, labels, colours), overlay_path, _label_png(labels), labels_path, args.overwrite)
         print(f"{overlay_path}  (label map: {labels_path})")
         print(table(rows))
     if args.caption:

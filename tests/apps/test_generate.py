@@ -120,10 +120,16 @@ def test_existing_output_kept_without_overwrite(tmp_path, model_dir, capsys):
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     assert "exists" in error_of(capsys, "--model", model_dir, "--labels", "1", "--out-dir", out)
-    with pytest.raises(SystemExit):
-        gen("--model", model_dir, "--labels", "1", "--out-dir", out, "--overwrite", "--quiet")
+    # --overwrite replaces only a folder of samples: mine.txt is named and kept
+    assert "mine.txt" in error_of(capsys, "--model", model_dir, "--labels", "1", "--out-dir", out, "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    for per_label in (2, 4):
+        with pytest.raises(SystemExit):
+            gen("--model", model_dir, "--labels", "1", "--per-label", per_label, "--out-dir", out, "--overwrite",
+                "--quiet")
     assert sorted(pngs(out)) == ["1/00000.png", "1/00001.png", "1/00002.png", "1/00003.png"]
-    assert not (out / "mine.txt").exists() and not list(tmp_path.glob(".*"))
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_sampler_option_validation_unit():

@@ -135,3 +135,46 @@ def test_make_shapes_writes_a_scene_folder_without_a_run_folder(tmp_path):
         train(["--model", "xdecoder", "--data", str(tmp_path / "scenes")])
     with pytest.raises(UserError, match="--data"):
         train(["--model", "xdecoder", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("fail_at", ["save", "rename"])
+def test_segment_writes_overlay_and_label_map_as_a_pair(tmp_path, monkeypatch, fail_at):
+    """Both PNGs are written before either is renamed, and the overlay is renamed last: a failure while
+    writing leaves the old pair, one between the two renames leaves a new label map beside the old overlay,
+    never a new overlay beside an old label map."""
+    import os
+
+    from apps.segment import main as segment
+
+    image, out = tmp_path / "scene.png", tmp_path / "o.png"
+    Image.fromarray(make_scene(3, 32).image).save(image)
+    labels = tmp_path / "o_labels.png"
+    out.write_bytes(b"old overlay")
+    labels.write_bytes(b"old labels")
+    real_save, real_replace, calls = Image.Image.save, os.replace, []
+
+    def save(self, fp, *args, **kwargs):
+        calls.append("save")
+        if fail_at == "save" and calls.count("save") == 2:
+            raise OSError("disk full")
+        return real_save(self, fp, *args, **kwargs)
+
+    def replace(src, dst):
+        if Path(dst) in (out, labels):
+            calls.append(Path(dst).name)
+            if fail_at == "rename" and len(calls) == 4:
+                raise KeyboardInterrupt  # killed between the two renames
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError if fail_at == "save" else KeyboardInterrupt):
+        segment(["--model", "xdecoder-shapes", str(image), "--classes", "red circle,ground", "-o", str(out),
+                 "--overwrite"])
+    assert out.read_bytes() == b"old overlay"
+    assert (labels.read_bytes() == b"old labels") == (fail_at == "save")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png", "o_labels.png", "scene.png"]  # no temporaries
+    monkeypatch.undo()
+    assert segment(["--model", "xdecoder-shapes", str(image), "--classes", "red circle,ground", "-o", str(out),
+                    "--overwrite"]) == 0
+    assert np.asarray(Image.open(out)).shape == (32, 32, 3) and np.asarray(Image.open(labels)).shape == (32, 32)

@@ -14,7 +14,6 @@ trainer reads both. `write_shape_scenes` writes seeded shape scenes in this layo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vision.data.images import IMAGE_EXTENSIONS
+from vision.output_folder import FolderKind, check_folder_output, first_foreign, publish_folder, remove_staging, staging_for
 
 __all__ = ["SceneFolder", "write_shape_scenes"]
 
@@ -96,27 +96,38 @@ class SceneFolder(Dataset):
         }
 
 
+# what write_shape_scenes writes, and so all that its overwrite may replace
+SHAPE_SCENES = FolderKind("a folder of shape scenes (classes.json, images/, panoptic/, annotations/ of scene_NNNNNN)",
+                          lambda folder: first_foreign(folder, r"classes\.json", {
+                              "images": r"scene_-?\d+\.png", "panoptic": r"scene_-?\d+\.png",
+                              "annotations": r"scene_-?\d+\.json"}))
+
+
 def write_shape_scenes(folder: str | Path, n: int, size: int = 64, first_seed: int = 0,
                        overwrite: bool = False) -> None:
     """Write `n` shape training scenes (vision.data.shapes, seen classes) in the scene-folder layout.
-    Written into a temporary sibling and renamed at the end: an interrupted run leaves no half folder."""
-    from vision.cli import UserError
+    Written into a temporary sibling and renamed at the end: an interrupted run leaves no half folder.
+    `overwrite` replaces only a folder this function wrote (vision.output_folder)."""
     from vision.data.shapes import GROUND, ShapeScenes
 
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise UserError(f"{folder} exists; pass --overwrite to replace it")
-    if not folder.parent.is_dir():
-        raise UserError(f"output folder {folder.parent} does not exist")
-    tmp = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder = check_folder_output(folder, overwrite, SHAPE_SCENES)
+    remove_staging(folder)
+    tmp = staging_for(folder)
+    try:
+        _write_scenes(tmp, ShapeScenes(n, split="train", size=size, first_seed=first_seed), GROUND)
+        publish_folder(tmp, folder, overwrite, SHAPE_SCENES)
+    except BaseException:
+        remove_staging(folder)
+        raise
+
+
+def _write_scenes(tmp: Path, data, ground: str) -> None:
     for sub in ("images", "panoptic", "annotations"):
         (tmp / sub).mkdir(parents=True)
-    data = ShapeScenes(n, split="train", size=size, first_seed=first_seed)
-    (tmp / "classes.json").write_text(json.dumps({"classes": data.classes, "stuff": [GROUND]}, indent=1))
-    for i in range(n):
+    (tmp / "classes.json").write_text(json.dumps({"classes": data.classes, "stuff": [ground]}, indent=1))
+    for i in range(len(data)):
         scene = data.scene(i)
-        name = f"scene_{first_seed + i:06d}"
+        name = f"scene_{data.first_seed + i:06d}"
         Image.fromarray(scene.image).save(tmp / "images" / f"{name}.png")
         ids = np.zeros(scene.ground.shape, np.uint8)
         segments = []
@@ -125,9 +136,6 @@ def write_shape_scenes(folder: str | Path, n: int, size: int = 64, first_seed: i
             segments.append({"id": k + 1, "class": cls, "phrase": scene.referring(k)})
         if scene.ground.any():
             ids[scene.ground] = len(segments) + 1
-            segments.append({"id": len(segments) + 1, "class": GROUND})
+            segments.append({"id": len(segments) + 1, "class": ground})
         Image.fromarray(ids).save(tmp / "panoptic" / f"{name}.png")
         (tmp / "annotations" / f"{name}.json").write_text(json.dumps({"segments": segments, "caption": scene.caption}))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
