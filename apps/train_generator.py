@@ -23,6 +23,7 @@ import torch
 from vision import argtypes
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
+from vision.train.trainer import add_ship_args
 
 
 def parse(argv):
@@ -46,8 +47,8 @@ def parse(argv):
                    help="distil from MODEL (same family and tokens): alpha KL(teacher || model) T^2 + (1 - alpha) CE")
     d.add_argument("--distill-alpha", type=argtypes.fraction, default=0.5, help="alpha of --teacher, in [0, 1] (CoDe: 0.5)")
     d.add_argument("--distill-temperature", type=argtypes.positive_float, default=1.0, help="T of --teacher (CoDe: 1)")
-    p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its index.json "
-                   "entry (command, time, and the family's digit metrics when the tokens are MNIST-5k's)")
+    add_ship_args(p, "after training, write weights/NAME.safetensors and its index.json "
+                  "entry (command, time, and the family's digit metrics when the tokens are MNIST-5k's)")
     add_train_args(p, batch_size=64, max_steps=2000, checkpoint_every=500, log_every=20)
     add_common_args(p)
     return p.parse_args(argv)
@@ -142,7 +143,8 @@ def main(argv=None) -> int:
             metrics, protocol = _digit_metrics(final, cache, trainer.device, args.seed)
         shipped = args.model if args.model not in presets() and args.model in read_index() else None
         trained_with, train_time = shipped_provenance(trainer, command, shipped)
-        entry = register_shipped(args.ship, final.cpu(), kind="generator", trained_with=trained_with,
+        entry = register_shipped(args.ship, final.cpu(), replace=args.replace_shipped, kind="generator",
+                                 trained_with=trained_with,
                                  data=f"token cache {args.tokens} ({cache.tokenizer}, {len(cache)} items, data "
                                       f"{cache.meta.get('data')})",
                                  train_time=train_time, metrics=metrics,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from vision import argtypes
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
+from vision.train.trainer import add_ship_args
 
 FIRST_STAGE_PRESETS = {  # ImplicitAEConfig fields
     "small": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3, norm_num_groups=8, hidden_list=[64, 64, 64]),
@@ -66,8 +67,8 @@ def parse(argv):
     p.add_argument("--init", metavar="NAME|DIR", help="align stage: the trained denoiser to fine-tune")
     p.add_argument("--lr", type=argtypes.positive_float, default=None,
                    help="learning rate (default: 2e-4 first stage (Adam), 2e-4 denoiser (AdamW), 5e-5 align)")
-    p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its index.json "
-                   "entry (command, time, held-out metrics); a shipped denoiser's --first-stage must be shipped too")
+    add_ship_args(p, "after training, write weights/NAME.safetensors and its index.json "
+                  "entry (command, time, held-out metrics); a shipped denoiser's --first-stage must be shipped too")
     p.add_argument("--eval", action="store_true", help="print the held-out metrics without shipping")
     add_train_args(p, batch_size=16, max_steps=2000, checkpoint_every=500, log_every=20)
     add_common_args(p)
@@ -208,9 +209,9 @@ def main(argv=None) -> int:
         print(f"{k}: {v}")
     if args.ship:
         command, train_time = shipped_provenance(trainer, command, args.init)
-        entry = register_shipped(args.ship, final.cpu(), kind="tokenizer" if args.stage == "first" else "generator",
-                                 trained_with=command, data=description, train_time=train_time, metrics=metrics,
-                                 metrics_protocol=protocol)
+        entry = register_shipped(args.ship, final.cpu(), replace=args.replace_shipped,
+                                 kind="tokenizer" if args.stage == "first" else "generator", trained_with=command,
+                                 data=description, train_time=train_time, metrics=metrics, metrics_protocol=protocol)
         print(f"shipped as {args.ship}: weights/{entry['file']}")
     return 0
 

@@ -42,6 +42,7 @@ from vision import argtypes
 from vision.atomic import atomic_path
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
+from vision.train.trainer import add_ship_args
 
 DEFAULT_LR = {"neunet": 3e-3, "hbformer": 5e-4}
 DEFAULT_PATCH = {"neunet": "64,64,32"}
@@ -108,8 +109,8 @@ def parse(argv):
                    default=0.2, metavar="F",
                    help="with --postprocess auto: the share of the training cases (at least one, drawn with --seed) "
                    "held out of training to choose the post-processing on")
-    g.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its index.json "
-                   "entry (command, time, held-out Dice/HD95; needs --val)")
+    add_ship_args(p, "after training, write weights/NAME.safetensors and its index.json "
+                  "entry (command, time, held-out Dice/HD95; needs --val)", g)
     add_train_args(p, batch_size=4, max_steps=1000, checkpoint_every=250, log_every=10)
     add_common_args(p)
     for action in p._actions:  # --out is only needed when training (not with --make-phantoms)
@@ -189,7 +190,8 @@ def make_phantoms(args, argv=None) -> int:
         raise UserError(f"{folder} is a file, not a folder")
     seeds = [args.first_seed + i for i in range(n)]
     names = [f"phantom_{s:04d}" for s in seeds]
-    targets = [folder / "imagesTr" / f"{m}_0000.nii.gz" for m in names] + [folder / "labelsTr" / f"{m}.nii.gz" for m in names]
+    targets = [folder / "dataset.json"] + [folder / "imagesTr" / f"{m}_0000.nii.gz" for m in names] \
+        + [folder / "labelsTr" / f"{m}.nii.gz" for m in names]
     clash = [t for t in targets if t.exists()]
     if clash and not args.overwrite:
         raise UserError(f"{clash[0]} exists; pass --overwrite to replace it")
@@ -473,7 +475,7 @@ def main(argv=None) -> int:
         if args.ship:
             trained_with, train_time = shipped_provenance(trainer, command)
             entry = register_shipped(
-                args.ship, final.cpu(), kind="segmenter", trained_with=trained_with,
+                args.ship, final.cpu(), replace=args.replace_shipped, kind="segmenter", trained_with=trained_with,
                 data=f"{len(train)} cases from {args.data} ({meta.get('description', 'NIfTI pairs')})"
                 + (f", written by `{meta['command']}`" if meta.get("command") else "")
                 + (f", {len(choose_on)} of its cases held out of training to choose the post-processing "

@@ -27,6 +27,7 @@ import torch
 from vision import argtypes
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
+from vision.train.trainer import add_ship_args
 
 
 def model_names() -> list[str]:
@@ -70,7 +71,7 @@ def parse(argv):
     p.add_argument("--val", metavar="DIR", help="after training, rFID (+ PSNR/SSIM/LPIPS) on this folder via "
                    "`python -m apps.evaluate rfid`; needs the FID Inception weights")
     p.add_argument("--val-num", type=argtypes.positive_int, default=None, help="images of --val to use (default: all)")
-    p.add_argument("--ship", metavar="NAME", help="write weights/NAME.safetensors with its index.json entry")
+    add_ship_args(p, "write weights/NAME.safetensors with its index.json entry")
     add_train_args(p, batch_size=32, max_steps=10000, checkpoint_every=1000, log_every=20)
     add_common_args(p)
     p.add_check(check_image_size_option)
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
         codes = ", codebook utilisation and perplexity over all their ids" if "utilisation" in figures else ""
         trained_with, train_time = shipped_provenance(trainer, command)
         entry = register_shipped(
-            args.ship, final.cpu(), kind="tokenizer", trained_with=trained_with,
+            args.ship, final.cpu(), replace=args.replace_shipped, kind="tokenizer", trained_with=trained_with,
             data="MNIST-5k training split (4000 digits, 32x32)" if args.data == "mnist5k" else str(args.data),
             train_time=train_time, metrics={k: round(v, 4) for k, v in figures.items()},
             metrics_protocol="reconstruction of the 1000 held-out MNIST-5k digits (uint8 round trip): "

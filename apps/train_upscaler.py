@@ -21,6 +21,7 @@ import torch
 from vision import argtypes
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, run, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
+from vision.train.trainer import add_ship_args
 
 PRESETS = {  # encoder args, MLP hidden widths
     "official": ({"n_resblocks": 16, "n_feats": 64}, [256, 256, 256, 256]),
@@ -55,8 +56,8 @@ def parse(argv):
                    "official recipe; helps when training on a handful of photos)")
     p.add_argument("--init", metavar="NAME|DIR", help="start from these LIIF weights (a fresh optimizer and "
                    "schedule); the model's size and --skip are the loaded model's")
-    p.add_argument("--ship", metavar="NAME", help="after training, write weights/NAME.safetensors and its "
-                   "index.json entry (command, time, validation PSNR)")
+    add_ship_args(p, "after training, write weights/NAME.safetensors and its "
+                  "index.json entry (command, time, validation PSNR)")
     add_train_args(p, batch_size=16, max_steps=2000, checkpoint_every=500, log_every=20)
     add_common_args(p)
     p.add_check(parse_milestones)
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         if args.ship:
             command, train_time = shipped_provenance(trainer, command, args.init)
             entry = register_shipped(
-                args.ship, final.cpu(), kind="decoder", trained_with=command,
+                args.ship, final.cpu(), replace=args.replace_shipped, kind="decoder", trained_with=command,
                 data=f"{len(train_files)} photos ({', '.join(Path(p).stem for p in train_files)})",
                 train_time=train_time,
                 metrics={k: round(v, 3) for k, v in figures.items()},

@@ -31,6 +31,7 @@ import torch
 from vision import argtypes
 from vision.cli import ArgumentParser, UserError, add_common_args, resolve_device, seed_everything
 from vision.train import Phase, Trainer, add_train_args, train_config_from_args
+from vision.train.trainer import add_ship_args
 
 PRESETS = {
     # a small model for 64x64 shape scenes: ~2.4 M parameters besides the 49408-entry token table
@@ -73,8 +74,8 @@ def parse(argv):
                    help="linear warm-up steps (default: 10 with --init, as official; 200 from scratch)")
     g.add_argument("--clip", type=argtypes.positive_float, default=None, help="gradient-norm clipping "
                    "(default 5, official)")
-    g.add_argument("--ship", metavar="NAME", help="after training on shapes, measure the open-vocabulary figures and "
-                   "write weights/NAME.safetensors + its index.json entry")
+    add_ship_args(p, "after training on shapes, measure the open-vocabulary figures and "
+                  "write weights/NAME.safetensors + its index.json entry", g)
     g.add_argument("--eval-scenes", type=argtypes.positive_int, default=300,
                    help="--ship: held-out-combination test scenes (and half as many seen-class scenes)")
     add_train_args(p, batch_size=16, max_steps=4000)
@@ -231,8 +232,8 @@ def main(argv=None) -> int:
             print(f"{k}: {v}")
         command, train_time = shipped_provenance(trainer, command, args.init)
         entry = register_shipped(
-            args.ship, final.cpu(), kind="segmenter", trained_with=command, data=description, train_time=train_time,
-            metrics=metrics,
+            args.ship, final.cpu(), replace=args.replace_shipped, kind="segmenter", trained_with=command,
+            data=description, train_time=train_time, metrics=metrics,
             metrics_protocol=f"segmentation/xdecoder_eval.py: {args.eval_scenes} held-out-combination scenes and "
             f"{args.eval_scenes // 2} seen-class scenes ({args.size}x{args.size}, seeds disjoint from training), "
             "vocabulary = all 24 colour-shape names + ground; mIoU over seen / held-out classes; chance = oracle "

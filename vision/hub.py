@@ -22,11 +22,13 @@ import os
 import pickle
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from vision.atomic import atomic_path
@@ -168,13 +170,31 @@ def from_pretrained(name_or_path: str | os.PathLike, *, device: str | torch.devi
     for p in (config_path, weights_path):
         if not p.is_file():
             raise HubError(f"{p} is missing; a saved model is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
-    payload = json.loads(config_path.read_text())
+    payload = _read_json(config_path, "a saved model's config")
+    if not isinstance(payload, dict) or not isinstance(payload.get("architecture"), str) \
+            or not isinstance(payload.get("config"), dict):
+        raise HubError(f"{config_path}: not a saved model's {CONFIG_NAME} (it needs \"architecture\" and \"config\")")
     return _instantiate(payload["architecture"], payload["config"], weights_path, device)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file, or one HubError naming it: empty, or not valid JSON (truncated, damaged)."""
+    text = path.read_bytes()
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = "is empty" if not text.strip() else f"is not valid JSON ({e}): truncated or damaged"
+        raise HubError(f"{path} ({what}) {problem}") from None
 
 
 def _instantiate(arch: str, config: dict, weights_path: Path, device) -> nn.Module:
     model = build_model(arch, config)
-    state = load_file(str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except SafetensorError as e:
+        problem = "is empty" if weights_path.stat().st_size == 0 else f"is not a readable safetensors file ({e}): " \
+                                                                     "truncated or damaged"
+        raise HubError(f"{weights_path} {problem}") from None
     check_state_dict(model.state_dict(), state, str(weights_path))
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -182,7 +202,12 @@ def _instantiate(arch: str, config: dict, weights_path: Path, device) -> nn.Modu
 
 def read_index(weights_dir: Path | None = None) -> dict[str, dict]:
     index = (weights_dir or WEIGHTS_DIR) / "index.json"
-    return json.loads(index.read_text()) if index.is_file() else {}
+    if not index.is_file():
+        return {}
+    entries = _read_json(index, "the index of shipped models")
+    if not isinstance(entries, dict):
+        raise HubError(f"{index}: not an index of shipped models (a JSON object of entries)")
+    return entries
 
 
 def _from_index(name: str, device, weights_dir: Path | None = None) -> nn.Module:
@@ -220,18 +245,42 @@ def shipped_provenance(trainer, command: str, init: str | None = None) -> tuple[
     return trained_with, train_time
 
 
+def check_ship_name(name: str, *, replace: bool = False, weights_dir: Path | None = None) -> list[str]:
+    """Refuse a NAME to ship under that is not a plain name, or that is already shipped unless `replace`
+    (--replace-shipped). Returns the entries that name NAME as their tokenizer (they decode with it)."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise HubError(f"--ship {name!r}: NAME must be a plain name (not empty, no path separator, no leading dot)")
+    weights_dir = weights_dir or WEIGHTS_DIR
+    index = read_index(weights_dir)
+    if name in index and not replace:
+        raise HubError(f"--ship {name}: a model named {name!r} is already shipped ({weights_dir / 'index.json'}); "
+                       "pass --replace-shipped to replace it, or choose another NAME")
+    return sorted(n for n, e in index.items() if n != name and isinstance(e.get("config"), dict)
+                  and e["config"].get("tokenizer") == name)
+
+
 def register_shipped(name: str, model: nn.Module, *, kind: str, trained_with: str, data: str,
                      train_time: str, metrics: dict[str, float], weights_dir: Path | None = None,
-                     **extra: Any) -> dict:
-    """Write weights/<name>.safetensors and its index.json entry (file, sha256, config, provenance)."""
+                     replace: bool = False, **extra: Any) -> dict:
+    """Write the weights and their index.json entry (file, sha256, config, provenance) under `name`; an
+    existing `name` only with `replace` (see `check_ship_name`).
+
+    Crash-safe: the weights go to a file no entry uses (weights/NAME.safetensors, or NAME-<sha256 prefix>
+    .safetensors when that name is taken), then index.json is replaced atomically (the commit point), and only
+    then is the replaced entry's file removed. A kill at any moment leaves every entry loadable."""
     weights_dir = weights_dir or WEIGHTS_DIR
+    dependents = check_ship_name(name, replace=replace, weights_dir=weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
-    file = weights_dir / f"{name}.safetensors"
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(file, lambda p: save_file(state, str(p), metadata={"architecture": type(model).architecture}))
+    blob = save(state, metadata={"architecture": type(model).architecture})
+    digest = hashlib.sha256(blob).hexdigest()
+    index = read_index(weights_dir)
+    file = _unused_file_name(name, digest, index)
+    with atomic_path(weights_dir / file, fsync=True) as tmp:
+        tmp.write_bytes(blob)
     entry = {
-        "file": file.name,
-        "sha256": sha256_file(file),
+        "file": file,
+        "sha256": digest,
         "kind": kind,
         "architecture": type(model).architecture,
         "config": config_to_dict(model.config),
@@ -241,10 +290,26 @@ def register_shipped(name: str, model: nn.Module, *, kind: str, trained_with: st
         "metrics": metrics,
         **extra,
     }
-    index = read_index(weights_dir)
+    old = index.get(name)
     index[name] = entry
-    _atomic_write(weights_dir / "index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n"))
+    with atomic_path(weights_dir / "index.json", fsync=True) as tmp:
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if old is not None and old.get("file") not in {e.get("file") for e in index.values()}:
+        (weights_dir / old["file"]).unlink(missing_ok=True)
+    if old is not None and dependents:
+        warnings.warn(f"replaced {name}, the tokenizer of {', '.join(dependents)}: they now decode with its new "
+                      "weights")
     return entry
+
+
+def _unused_file_name(name: str, digest: str, index: dict[str, dict]) -> str:
+    """NAME.safetensors, or NAME-<sha256 prefix>.safetensors when an entry uses that (the one replaced): never
+    the file of an entry with other weights, so index.json keeps matching its files until it is replaced."""
+    used = {e.get("file"): e.get("sha256") for e in index.values()}
+    for candidate in (f"{name}.safetensors", f"{name}-{digest[:8]}.safetensors", f"{name}-{digest}.safetensors"):
+        if used.get(candidate, digest) == digest:  # free, or holding these very bytes already
+            return candidate
+    raise HubError(f"--ship {name}: every file name for it is taken in index.json")
 
 
 # ---------------------------------------------------------------- official checkpoints

@@ -2,6 +2,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,100 @@ def test_missing_keys_are_refused(tmp_path):
     save_file({"lin.weight": m.lin.weight.detach().contiguous()}, str(tmp_path / "toy/model.safetensors"))
     with pytest.raises(hub.HubError, match="missing keys"):
         hub.from_pretrained(tmp_path / "toy")
+
+
+# ---------------------------------------------------------------- shipping: never by accident, crash-safe
+
+
+@dataclass
+class ToyGenConfig:
+    tokenizer: str = "toy-tok"
+
+
+@hub.register_model("test-toy-gen")
+class ToyGen(nn.Module):
+    config_class = ToyGenConfig
+
+    def __init__(self, config: ToyGenConfig):
+        super().__init__()
+        self.config = config
+        self.lin = nn.Linear(2, 2)
+
+
+def ship(name, model, weights_dir, **kw):
+    return hub.register_shipped(name, model, kind="tokenizer", trained_with="t", data="d", train_time="0s",
+                                metrics={}, weights_dir=weights_dir, **kw)
+
+
+def test_shipping_an_existing_name_needs_replace_and_keeps_files_consistent(tmp_path):
+    torch.manual_seed(0)
+    old, new = Toy(ToyConfig()), Toy(ToyConfig())
+    ship("toy-tok", old, tmp_path)
+    ship("gen", ToyGen(ToyGenConfig("toy-tok")), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(hub.HubError, match=r"'toy-tok' is already shipped .*--replace-shipped"):
+        ship("toy-tok", new, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with pytest.warns(UserWarning, match="the tokenizer of gen"):
+        entry = ship("toy-tok", new, tmp_path, replace=True)
+    # the new weights have a file of their own (loading follows the entry's "file"); the old file is gone
+    assert entry["file"] == f"toy-tok-{entry['sha256'][:8]}.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.safetensors", "index.json", entry["file"]]
+    assert torch.equal(hub._from_index("toy-tok", "cpu", weights_dir=tmp_path).lin.weight, new.lin.weight)
+    # replaced again: back to the plain name, which no entry uses any more
+    with pytest.warns(UserWarning, match="the tokenizer of gen"):
+        assert ship("toy-tok", old, tmp_path, replace=True)["file"] == "toy-tok.safetensors"
+    assert torch.equal(hub._from_index("toy-tok", "cpu", weights_dir=tmp_path).lin.weight, old.lin.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.safetensors", "index.json", "toy-tok.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", ".hidden", "a\\b"])
+def test_ship_name_must_be_a_plain_name(tmp_path, name):
+    with pytest.raises(hub.HubError, match="plain name"):
+        ship(name, Toy(ToyConfig()), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_kill_before_the_index_is_written_keeps_the_old_model_loadable(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    old = Toy(ToyConfig())
+    ship("toy", old, tmp_path)
+    real = hub.atomic_path
+
+    def killed_at_index(path, **kw):
+        if Path(path).name == "index.json":
+            raise KeyboardInterrupt  # the weights file is written; index.json is not
+        return real(path, **kw)
+
+    monkeypatch.setattr(hub, "atomic_path", killed_at_index)
+    with pytest.raises(KeyboardInterrupt):
+        ship("toy", Toy(ToyConfig()), tmp_path, replace=True)
+    monkeypatch.undo()
+    back = hub._from_index("toy", "cpu", weights_dir=tmp_path)  # the sha256 still matches its file
+    assert torch.equal(back.lin.weight, old.lin.weight)
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+def test_a_damaged_saved_model_is_one_hub_error_naming_the_file(tmp_path, file, how):
+    hub.save_pretrained(Toy(ToyConfig()), tmp_path / "toy")
+    _damage(tmp_path / "toy" / file, how)
+    with pytest.raises(hub.HubError) as e:
+        hub.from_pretrained(tmp_path / "toy")
+    message = str(e.value)
+    assert str(tmp_path / "toy" / file) in message and "\n" not in message
+    assert ("is empty" if how == "empty" else "truncated or damaged") in message
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_a_damaged_index_is_one_hub_error_naming_it(tmp_path, how):
+    ship("toy", Toy(ToyConfig()), tmp_path)
+    _damage(tmp_path / "index.json", how)
+    for call in (lambda: hub.read_index(tmp_path), lambda: hub._from_index("toy", "cpu", weights_dir=tmp_path)):
+        with pytest.raises(hub.HubError, match=f"{tmp_path / 'index.json'}.* (is empty|truncated or damaged)"):
+            call()

@@ -1,6 +1,7 @@
 """Training toolkit: exact resume after SIGKILL, torn checkpoint writes, 2-process DDP == 1 process, NaN stop."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +334,96 @@ def test_provenance_names_every_command_that_trained_the_run(tmp_path, capsys):
     assert re.fullmatch(r"\d+\.\d min \((\d+\.\d min on \d+ CPU threads?(, then )?){3}\)", train_time), train_time
     lines = [json.loads(ln) for ln in (run / "sessions.jsonl").read_text().splitlines()]
     assert [ln["from_step"] for ln in lines] == [0, 6, 9]
+
+
+# ---------------------------------------------------------------- torn or damaged files, an interrupted swap
+
+
+def _interrupt_at(n):
+    def hook(trainer, step):
+        if step == n:
+            raise KeyboardInterrupt
+    return hook
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    """A kill (or a full disk) during Trainer.log's append leaves a torn last line: the run still resumes,
+    and the trim drops it; a damaged line before the last one is one `error:` line."""
+    from vision.train.trainer import plot_metrics
+
+    run = tmp_path / "run"
+    assert run_toy(["--out", str(run)], capsys, _interrupt_at(5))[0] == 130  # checkpoint at step 3
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "epoch": 0, "mse_l')
+    assert plot_metrics(run / "metrics.jsonl", tmp_path / "curves.png") == tmp_path / "curves.png"
+    code, err = run_toy(["--out", str(run), "--resume"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in strip_times(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:10], *lines[2:]]) + "\n")
+    code, err = run_toy(["--out", str(run), "--resume", "--steps", "9"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {run / 'metrics.jsonl'}: line 2 is not ")
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys, how):
+    from vision.errors import UserError
+
+    run = tmp_path / "run"
+    assert run_toy(["--out", str(run)], capsys)[0] == 0
+    ckpt = run / "checkpoints/latest.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+    with pytest.raises(UserError, match="is empty" if how == "empty" else "truncated or damaged"):
+        load_checkpoint(ckpt)
+    code, err = run_toy(["--out", str(run), "--resume", "--steps", "9"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {ckpt} ") and "--overwrite" in err
+
+
+def _kill_between_the_renames(monkeypatch):
+    """RunFolder.commit as a kill between its two renames leaves it: OUT moved aside, the new run not yet in."""
+    import os
+
+    from vision.train.run_folder import RunFolder
+
+    def first_rename_only(self):
+        if self.staged:
+            os.rename(self.final, self.final.parent / f".{self.final.name}.replaced")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "commit", first_rename_only)
+
+
+def test_an_overwrite_killed_between_its_renames_is_recovered(tmp_path, capsys, monkeypatch):
+    old = tmp_path / "run"
+    assert run_toy(["--out", str(old)], capsys)[0] == 0
+    _kill_between_the_renames(monkeypatch)
+    assert run_toy(["--out", str(old), "--overwrite", "--seed", "1"], capsys)[0] == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.overwrite", ".run.replaced"]
+    # the new run has its first checkpoint: it is put in OUT (the old code deleted it on the next command)
+    code, err = run_toy(["--out", str(old), "--resume", "--seed", "1"], capsys)
+    assert code == 0 and "note: an --overwrite of" in err and "recovered the new run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert run_toy(["--out", str(tmp_path / "fresh"), "--seed", "1"], capsys)[0] == 0
+    a, b = torch.load(old / "final.pt", weights_only=True), torch.load(tmp_path / "fresh/final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a new run without a complete checkpoint: the old run comes back, as it was
+    shutil.rmtree(old)
+    shutil.rmtree(tmp_path / "fresh")
+    assert run_toy(["--out", str(old)], capsys)[0] == 0
+    before = snapshot(old)
+    _kill_between_the_renames(monkeypatch)
+    assert run_toy(["--out", str(old), "--overwrite", "--seed", "1"], capsys)[0] == 130
+    monkeypatch.undo()
+    ckpt = tmp_path / ".run.overwrite/checkpoints/latest.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    from vision.train.run_folder import check_run_folder
+
+    with pytest.warns(UserWarning, match="recovered the previous run"):
+        check_run_folder(old, resume=True, overwrite=False)
+    assert snapshot(old) == before
+    assert run_toy(["--out", str(old), "--resume", "--steps", "9"], capsys)[0] == 0
+    assert [r["step"] for r in strip_times(old / "metrics.jsonl")] == list(range(1, 10))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert torch.load(old / "checkpoints/latest.pt", weights_only=True)["config"]["seed"] == 0

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vision.atomic import atomic_path
+from vision.errors import UserError
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
@@ -25,7 +26,19 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """The checkpoint at `path`; one UserError naming it when it is empty, truncated or damaged."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises EOFError, RuntimeError, UnpicklingError... for bad bytes
+        if path.is_file() and path.stat().st_size == 0:
+            problem = "is empty"
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            problem = f"is not a readable checkpoint ({first}): truncated or damaged"
+        raise UserError(f"{path} {problem}; restore it, or start the run again with --overwrite") from None
 
 
 def rng_state() -> dict:

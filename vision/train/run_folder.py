@@ -6,7 +6,9 @@
 - --overwrite writes the new run into a staging folder beside OUT (`.NAME.overwrite`). When the
   new run's first checkpoint is complete, OUT is swapped for the staging folder and the old run
   is deleted. Until then OUT is the old run, untouched: interrupt the new run, and the old one
-  still resumes. The swap is two renames in the same parent folder.
+  still resumes. The swap is two renames in the same parent folder (OUT -> `.NAME.replaced`, staging -> OUT).
+  A kill between them leaves no OUT: the next command on OUT first puts back the new run (its checkpoint is
+  complete) or, failing that, the old one, with a `note:` line (`recover_interrupted_swap`).
 - A folder without markers (new, empty, or holding other files) is used as it is; --overwrite
   deletes nothing there.
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 from vision.errors import UserError
@@ -35,6 +39,7 @@ def check_run_folder(out: str | os.PathLike, *, resume: bool, overwrite: bool) -
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; pass only one")
+    recover_interrupted_swap(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; it must be a run folder")
     if resume:
@@ -51,6 +56,35 @@ def staging_path(out: Path) -> Path:
     return out.parent / f".{out.name}.overwrite"
 
 
+def replaced_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.replaced"
+
+
+def recover_interrupted_swap(out: Path) -> None:
+    """OUT is missing after a kill between the two renames of `RunFolder.commit`: move the new run (staging
+    folder with a complete checkpoint) into OUT, and delete the old one, as the commit would have; without a
+    complete new checkpoint, move the old run back. Nothing to do when OUT exists or neither folder does.
+    Several processes (torchrun) may call this at once: only the one whose rename succeeds finishes the job."""
+    staging, aside = staging_path(out), replaced_path(out)
+    if out.exists():
+        return
+    ckpt = staging / CHECKPOINT
+    new_run = ckpt.is_file() and zipfile.is_zipfile(ckpt)  # torch.save's zip archive, complete to its end
+    source = staging if new_run else aside if aside.is_dir() else None
+    if source is None:
+        return
+    try:
+        os.rename(source, out)
+    except OSError:
+        if out.exists():  # another process of this command recovered it
+            return
+        raise
+    if source == staging and aside.exists():
+        shutil.rmtree(aside)
+    which = "the new run (from its checkpoint)" if source == staging else "the previous run"
+    warnings.warn(f"an --overwrite of {out} was interrupted while swapping the runs; recovered {which}")
+
+
 class RunFolder:
     """Where a run writes (`path`): OUT itself, or its staging folder until the first checkpoint of an --overwrite."""
 
@@ -65,10 +99,13 @@ class RunFolder:
     def create(self) -> None:
         """Make the folder to write into, or check the one resumed (main process only, before anything is written).
 
-        A staging folder left by an earlier --overwrite interrupted before its first checkpoint is removed."""
+        A staging folder left by an earlier --overwrite interrupted before its first checkpoint is removed, as is
+        an old run a commit was interrupted while deleting."""
         stale = staging_path(self.final)
         if stale.is_dir():
             shutil.rmtree(stale)
+        if self.final.is_dir() and replaced_path(self.final).is_dir():
+            shutil.rmtree(replaced_path(self.final))
         if self.staged:
             self.path.mkdir()
         else:
@@ -78,7 +115,7 @@ class RunFolder:
         """After the staging folder's first checkpoint (main process only): it becomes OUT, the old run goes."""
         if not self.staged:
             return
-        aside = self.final.parent / f".{self.final.name}.replaced"
+        aside = replaced_path(self.final)
         if aside.exists():
             shutil.rmtree(aside)
         os.rename(self.final, aside)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,7 +38,8 @@ from vision.train.run_folder import RunFolder, check_run_folder, set_active
 from vision.train.sampler import ResumableSampler, SeededDataset
 
 LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
-__all__ = ["Phase", "TrainConfig", "Trainer", "TrainingDiverged", "add_train_args", "train_config_from_args"]
+__all__ = ["Phase", "TrainConfig", "Trainer", "TrainingDiverged", "add_ship_args", "add_train_args",
+           "read_metrics", "train_config_from_args"]
 
 
 @dataclass
@@ -119,6 +121,33 @@ def add_train_args(parser: argparse.ArgumentParser, *, batch_size: int, max_step
 def _check_out(args: argparse.Namespace) -> None:
     if getattr(args, "out", None):  # an app may make --out optional for its non-training modes
         check_run_folder(args.out, resume=args.resume, overwrite=getattr(args, "overwrite", False))
+
+
+def add_ship_args(parser: argparse.ArgumentParser, help: str, group=None) -> None:
+    """--ship NAME (`help`: what the trainer records) and --replace-shipped, added to `group` (default: the
+    parser). With `vision.cli.ArgumentParser`, a NAME that is not a plain name, or that is already shipped
+    without --replace-shipped, is refused as soon as the command line is parsed, before any work."""
+    g = group or parser
+    g.add_argument("--ship", metavar="NAME", help=f"{help}; a NAME already shipped needs --replace-shipped")
+    g.add_argument("--replace-shipped", action="store_true",
+                   help="let --ship NAME replace the model already shipped under NAME (entries that name it as "
+                        "their tokenizer then decode with the new weights)")
+    add_check = getattr(parser, "add_check", None)
+    if add_check is not None:
+        add_check(_check_ship)
+
+
+def _check_ship(args: argparse.Namespace) -> None:
+    from vision.hub import check_ship_name
+
+    if args.ship is None:
+        if args.replace_shipped:
+            raise UserError("--replace-shipped only applies with --ship NAME")
+        return
+    dependents = check_ship_name(args.ship, replace=args.replace_shipped)
+    if dependents:
+        warnings.warn(f"--replace-shipped: {args.ship} is the tokenizer of {', '.join(dependents)}; they will "
+                      "decode with the new weights")
 
 
 def train_config_from_args(args: argparse.Namespace, device: str, command: str | None = None) -> TrainConfig:
@@ -345,9 +374,8 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", self._logged_seconds()))
         self.run.saved_step = self.step
         set_rng_state(state["rng"][self.dist.rank])
-        if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the checkpoint
-            lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
+        if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the checkpoint (and a torn one)
+            kept = [ln for ln, row in _metric_lines(self.metrics_path) if row.get("step", 0) <= self.step]
             with atomic_path(self.metrics_path) as tmp:  # a kill while trimming must not lose the log
                 tmp.write_text("".join(ln + "\n" for ln in kept))
 
@@ -454,8 +482,7 @@ class Trainer:
         """A checkpoint from before `train_seconds` was stored: the last time logged at or before its step."""
         seconds = 0.0
         if self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
-                row = json.loads(line) if line.strip() else {}
+            for row in read_metrics(self.metrics_path):
                 if row.get("step", self.step + 1) <= self.step and "time_s" in row:
                     seconds = float(row["time_s"])
         return seconds
@@ -481,10 +508,35 @@ class Trainer:
         return self.raw[name]
 
 
+def _metric_lines(jsonl: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) for each line of a metrics.jsonl. A last line that does not parse is dropped: an append cut
+    by a kill or a full disk (the trim on --resume rewrites the file without it). A bad line before the last
+    one is a UserError naming the file and line."""
+    lines = [(n, ln) for n, ln in enumerate(jsonl.read_text(errors="replace").splitlines(), 1) if ln.strip()]
+    parsed = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{jsonl}: line {number} is not a metrics record ({e}); the log is damaged (delete "
+                            "that line to continue)") from None
+        parsed.append((line, row))
+    return parsed
+
+
+def read_metrics(jsonl: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, without a torn last line (see `_metric_lines`)."""
+    return [row for _, row in _metric_lines(Path(jsonl))]
+
+
 def plot_metrics(jsonl: Path, png: Path) -> Path | None:
     if not jsonl.is_file():
         return None
-    rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
+    rows = [r for r in read_metrics(jsonl) if "step" in r]
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("step", "epoch", "time_s")))
     if not keys:
         return None
