@@ -71,7 +71,7 @@ def run(quick: bool) -> dict[str, float]:
     from vision.data.images import read_image
     from vision.data.samples import sample_photo, split_photos
     from vision.decoders.evaluate import evaluate_upscaler
-    from vision.hub import WEIGHTS_DIR, from_pretrained
+    from vision.hub import WEIGHTS_DIR, from_pretrained, read_index
 
     from apps.upscale import cpu_has_native_bf16
 
@@ -130,5 +130,5 @@ def run(quick: bool) -> dict[str, float]:
     rss = json.loads(proc.stdout)
     figures["peak_rss_mb"] = rss["peak_rss_mb"]
     figures[f"seconds_{big}_x3.7"] = rss["seconds"]
-    figures["weights_kb"] = (WEIGHTS_DIR / f"{MODEL}.safetensors").stat().st_size / 1024
+    figures["weights_kb"] = (WEIGHTS_DIR / read_index()[MODEL]["file"]).stat().st_size / 1024
     return figures
