@@ -220,9 +220,12 @@ def _import_args(p):
 
 @subcommand("import-inception", "convert FID Inception weights into the .safetensors file Tessera uses", _import_args)
 def cmd_import_inception(args, runner: Runner) -> None:
+    from safetensors import SafetensorError
+
     from vision.hub import HubError
     from vision.metrics.errors import first_line
     from vision.metrics.features import convert_inception, default_inception_path, read_inception_weights
+    from vision.metrics.inception import FIDInceptionV3, load_fid_inception_state_dict
 
     src = Path(args.path)
     if not src.is_file():
@@ -235,11 +238,13 @@ def cmd_import_inception(args, runner: Runner) -> None:
         raise UserError(f"-o {dst}: the output must end in .safetensors")
     if not runner.is_main:
         return None
-    try:
-        convert_inception(src, dst)
-    except (ValueError, HubError, RuntimeError, OSError) as e:
+    try:  # the input alone: an error writing the output must not be blamed on it
+        state = read_inception_weights(src)
+        load_fid_inception_state_dict(FIDInceptionV3(with_classifier="fc.weight" in state), state)
+    except (ValueError, HubError, RuntimeError, OSError, SafetensorError) as e:
         raise UserError(f"{src}: not FID Inception weights ({first_line(e)})") from None
-    classifier = "fc.weight" in read_inception_weights(dst)
+    convert_inception(src, dst)  # reads src again; run() reports an OSError here as `error: PATH: reason`
+    classifier = "fc.weight" in state
     print(f"wrote {dst} ({'with' if classifier else 'without'} the classifier"
           f"{'' if classifier else ': FID and KID only, no Inception Score'})")
     return None

@@ -93,7 +93,7 @@ def _read_nifti(path: Path) -> Volume:
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises several types for corrupt files
-        raise ValueError(f"{path}: unreadable NIfTI ({type(err).__name__}: {err})".splitlines()[0]) from err
+        raise _unreadable(path, err) from err
     shape = tuple(int(s) for s in img.shape)
     # Drop trailing singleton axes beyond the third (x, y, z, 1, 1 is still one volume).
     squeezed = list(shape)
@@ -106,7 +106,10 @@ def _read_nifti(path: Path) -> Volume:
         )
     if len(squeezed) < 3 or min(squeezed) < 2:
         raise ValueError(f"{path}: a 2-D image of shape {shape}, not a volume")
-    data = np.asanyarray(img.dataobj).reshape(squeezed)
+    try:  # nib.load reads only the header; a truncated file fails here (EOFError, zlib.error, OSError, ...)
+        data = np.asanyarray(img.dataobj).reshape(squeezed)
+    except Exception as err:
+        raise _unreadable(path, err) from err
     if not data.dtype.isnative:  # e.g. big-endian Analyze-era files; torch cannot take them
         data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype.kind == "f" and data.dtype != np.float32:
@@ -115,6 +118,10 @@ def _read_nifti(path: Path) -> Volume:
         data = data.astype(np.float32)
     return Volume(array=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header.copy(),
                   source=str(path))
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path}: unreadable NIfTI ({type(err).__name__}: {err})".splitlines()[0])
 
 
 # ----------------------------------------------------------------------------------------- DICOM

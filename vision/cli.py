@@ -3,9 +3,12 @@
 - A user error prints one line `error: ...` on stderr and exits 2: no traceback, no output file.
   That covers UserError, a config field out of range (ConfigError), an option out of its declared
   range (`vision.argtypes`, refused while parsing) and any check added with
-  `ArgumentParser.add_check` (trainers: an --out that holds a run).
+  `ArgumentParser.add_check` (trainers: an --out that holds a run), and any OSError (a file that
+  cannot be read or written): `error: PATH: reason`.
 - Outputs are written to a temporary name beside the target and renamed when complete;
-  an existing output is kept unless --overwrite.
+  an existing output is kept unless --overwrite. `check_output` refuses, before any work, an
+  output that could not be written (a folder in its place, a folder to hold it that is missing
+  or not writable).
 - --device auto|cpu|cuda|mps, --quiet, --seed.
 - Warnings are printed as one line `note: ...`; Ctrl-C exits 130 and says how to continue an
   interrupted training run (--resume).
@@ -79,8 +82,8 @@ def _run(main: Callable[[list[str] | None], int | None], argv: list[str] | None)
     except (UserError, ConfigError, HubError, ImageReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except FileNotFoundError as e:
-        print(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", file=sys.stderr)
+    except OSError as e:  # a file that cannot be read or written (missing, permissions, a folder, disk full)
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:  # not the user's input: exit 1, still one line
         print(f"error: {e}", file=sys.stderr)
@@ -91,6 +94,14 @@ def _run(main: Callable[[list[str] | None], int | None], argv: list[str] | None)
     finally:
         set_active_run(None)  # in-process callers (tests) run several programs in one process
     sys.exit(code or 0)
+
+
+def _os_error_line(e: OSError) -> str:
+    """`PATH: reason` (`SRC -> DST: reason` for a rename), or the message alone when no file is named."""
+    if e.filename is None:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+    return f"{where}: {e.strerror or type(e).__name__}"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -151,12 +162,20 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse early (before any work) to clobber an existing output or write into a missing folder."""
+    """Refuse early (before any work) an output file that could not be written: one that exists (unless
+    `overwrite`), a folder in its place, a folder to hold it that is missing, not a folder or not writable."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
-    if not path.parent.exists():
-        raise UserError(f"output folder {path.parent} does not exist")
+    folder = path.parent
+    if not folder.exists():
+        raise UserError(f"output folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UserError(f"{path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):  # the file is created there under a temporary name
+        raise UserError(f"{path}: no permission to write in {folder}")
     return path
 
 

@@ -123,6 +123,41 @@ def test_bad_input(tokens, tmp_path):
         assert not (tmp_path / "x").exists()
 
 
+def _hand_made_cache(folder):
+    """A 6-item discrete cache in two shards, written with the cache's own writers."""
+    from vision.data.token_cache import write_index, write_shard
+    from vision.tokens import TokenSpec
+
+    spec = TokenSpec(kind="discrete", grid=(2, 2), downsample=4, vocab_size=16)
+    folder.mkdir()
+    shards = [write_shard(folder, f"r0-{k:05d}", {"index": torch.arange(3 * k, 3 * k + 3),
+                                                    "labels": torch.tensor([0, 1, 0]),
+                                                    "ids": torch.randint(0, 16, (3, 2, 2))}, spec)
+              for k in range(2)]
+    write_index(folder, tokenizer="hand", spec=spec, fields=["ids"], shards=shards, flip=False)
+    return folder
+
+
+def test_truncated_shard_or_index_is_one_line_naming_it(tmp_path):
+    cache = _hand_made_cache(tmp_path / "cache")
+    assert len(TokenCache(cache)) == 6
+    shard = cache / "r0-00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"token cache shard {shard} is unreadable"):
+        TokenCache(cache)
+    proc = app("train_generator", "--model", "tiny-test", "--tokens", cache, "--out", tmp_path / "run", "--steps", 2,
+               "--quiet", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: token cache shard {shard} "), \
+        proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+    index = cache / "index.json"
+    index.write_text(index.read_text()[:40])
+    with pytest.raises(ValueError, match=f"{index}: not a token cache index"):
+        TokenCache(cache)
+
+
 def test_model_continues_from_a_shipped_generator_but_a_preset_name_wins(tokens):
     """--model ar-mnist (shipped, not a preset) starts from its weights; a preset name builds a fresh model."""
     from apps.train_generator import build_model

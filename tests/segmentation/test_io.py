@@ -1,6 +1,7 @@
 """Reading NIfTI/DICOM volumes and writing label maps, on real files carried by the nibabel and pydicom wheels."""
 from __future__ import annotations
 
+import gzip
 import shutil
 import warnings
 from pathlib import Path
@@ -98,6 +99,22 @@ def test_4d_and_2d_nifti_are_refused(tmp_path):
     for name in ("flat.nii.gz", "slice.nii.gz"):
         with pytest.raises(ValueError, match="2-D image"):
             read_volume(tmp_path / name)
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "example4d.nii.gz"])
+def test_truncated_nifti_is_one_line_naming_the_file(tmp_path, name):
+    """nibabel reads only the header on load; the cut-off data must not escape as EOFError/zlib.error."""
+    if name.endswith(".gz"):  # a 3-D .nii.gz: the 4-D example's first volume
+        image = nib.load(NIB_DATA / name)
+        image = nib.Nifti1Image(np.asanyarray(image.dataobj)[..., 0], image.affine)
+        data = gzip.compress(image.to_bytes())
+    else:
+        data = (NIB_DATA / name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"unreadable NIfTI") as err:
+        read_volume(cut)
+    assert str(err.value).startswith(f"{cut}: ") and "\n" not in str(err.value)
 
 
 def test_dicom_series_order_and_affine_from_geometry(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -73,8 +74,11 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / INDEX
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a token cache (no {INDEX}); make one with python -m apps.extract_tokens")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a token cache index ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a Tessera token cache index")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path}: token cache version {meta.get('version')} (this Tessera reads {VERSION})")
@@ -102,7 +106,12 @@ class TokenCache(Dataset):
             path = self.folder / shard["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"token cache shard {path} is missing")
-            for k, v in load_file(str(path)).items():
+            try:
+                tensors = load_file(str(path))
+            except SafetensorError as e:  # truncated or overwritten
+                raise ValueError(f"token cache shard {path} is unreadable ({str(e).splitlines()[0]}); "
+                                 "make the cache again with python -m apps.extract_tokens") from None
+            for k, v in tensors.items():
                 parts.setdefault(k, []).append(v)
         data = {k: torch.cat(v) for k, v in parts.items()}
         order = torch.argsort(data["index"])
