@@ -412,3 +412,6 @@ register_preset("var-mnist-d6", VAR, _sized(6, 128, 4),
                 "VAR for MNIST multi-scale tokens, the CoDe drafter: 6 blocks, width 128, 4 heads")
 register_preset("var-mnist-d2", VAR, _sized(2, 96, 3),
                 "VAR for MNIST multi-scale tokens, the CoDe refiner: 2 blocks, width 96, 3 heads")
+register_preset("var-mnist-d4", VAR, _sized(4, 64, 2),
+                "VAR for MNIST multi-scale tokens, a deeper CoDe refiner at var-mnist-d2's cost: 4 blocks, width 64, "
+                "2 heads")
