@@ -69,6 +69,20 @@ def test_output_in_a_read_only_folder_is_refused_before_any_work(program, inputs
     assert list(ro.iterdir()) == []
 
 
+def test_segment_folder_of_volumes_into_a_read_only_folder_is_refused_before_any_work(tmp_path):
+    """With a folder of volumes the label maps go into a folder created beside (or given by -o): refused before
+    the first volume is segmented (it failed after it, on the folder's mkdir)."""
+    ro, prefix = _read_only_folder(tmp_path)
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    shutil.copy(ANATOMICAL, volumes / "case.nii")
+    for out in (ro / "labels", ro):  # a folder to create in ro, and ro itself
+        proc = _app(prefix, "apps.segment", volumes, "-o", out)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"error: {out}: no permission to write in {ro}"], proc.stderr[-2000:]
+    assert list(ro.iterdir()) == []
+
+
 @pytest.mark.parametrize("program", ["generate", "segment", "evaluate"])  # upscale -o FOLDER writes into it
 def test_output_that_is_a_folder_is_refused_even_with_overwrite(program, inputs, tmp_path):
     out = tmp_path / f"out{SUFFIX[program]}"
