@@ -182,3 +182,30 @@ def test_import_inception_blames_the_output_for_a_write_error(tmp_path, capsys, 
     code, err = _outcome(lambda argv: main(["import-inception", str(src), "-o", str(out), "--quiet"]), capsys)
     assert (code, err) == (2, f"error: {out}: No space left on device\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["apps.generate", "--model", "ar-mnist", "--labels", "0", "--out-dir"],
+    ["apps.extract_tokens", "--tokenizer", "vq-mnist", "--data", "mnist5k", "--out"],
+], ids=["generate-out-dir", "extract-tokens"])
+def test_output_folder_in_a_read_only_folder_is_refused_before_any_work(argv, tmp_path):
+    ro, prefix = _read_only_folder(tmp_path)
+    out = ro / "made"
+    proc = _app(prefix, *argv, out)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: {out}: no permission to write in {ro}"], \
+        proc.stderr[-2000:]
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("train_generator", ["--model", "llamagen-gpt-mnist", "--tokens", "no-such-cache"]),
+    ("train_classifier", []),
+])
+def test_trainer_out_in_a_read_only_folder_is_refused_before_any_work(name, argv, tmp_path):
+    """A new run folder under a read-only one, and a read-only run folder itself (an empty one, as a first run)."""
+    ro, prefix = _read_only_folder(tmp_path)
+    for out, where in ((ro / "run", ro), (ro, ro)):
+        proc = _app(prefix, f"apps.{name}", *argv, "--out", out)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"error: --out {out}: no permission to write in {where}"], proc.stderr[-2000:]
+    assert list(ro.iterdir()) == []

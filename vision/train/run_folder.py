@@ -42,6 +42,7 @@ def check_run_folder(out: str | os.PathLike, *, resume: bool, overwrite: bool) -
     recover_interrupted_swap(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; it must be a run folder")
+    _check_writable(out, staged=overwrite and out.is_dir())
     if resume:
         if not (out / CHECKPOINT).is_file():
             raise UserError(f"--resume: no checkpoint at {out / CHECKPOINT}")
@@ -50,6 +51,19 @@ def check_run_folder(out: str | os.PathLike, *, resume: bool, overwrite: bool) -
     if found and not overwrite:
         raise UserError(f"--out {out} holds a training run ({', '.join(found)}); pass --resume to continue it "
                         "or --overwrite to replace it")
+
+
+def _check_writable(out: Path, staged: bool) -> None:
+    """Refuse an --out that could not be written, before any work: the run folder itself when it exists
+    (the folder made for it otherwise), and the folder holding it when an --overwrite stages beside it."""
+    where = out if out.is_dir() else next((p for p in out.absolute().parents if p.exists()), None)
+    if where is None or not where.is_dir():
+        raise UserError(f"--out {out}: {where} is not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: no permission to write in {where}")
+    if staged and not os.access(out.absolute().parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: no permission to write in {out.absolute().parent} (--overwrite stages the "
+                        "new run beside the old one)")
 
 
 def staging_path(out: Path) -> Path:
