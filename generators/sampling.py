@@ -38,7 +38,7 @@ __all__ = [
     "cfg_llamagen", "cfg_var", "var_step_ratio", "var_cfg_ratio",
     "sample_categorical", "gumbel_noise", "sample_gumbel_max",
     "maskgit_choice_temperature", "maskgit_confidence", "maskgit_mask_ratio", "maskgit_mask_len",
-    "mask_lowest_confidence",
+    "mask_lowest_confidence", "annealed_temperature",
     "more_smooth_gumbel_softmax", "var_smooth_tau", "var_more_smooth",
     "residual_distribution",
 ]
@@ -320,6 +320,20 @@ def maskgit_mask_len(num_tokens: int | Tensor, unknown_count: int | Tensor, step
     mask_len = torch.nan_to_num(mask_len, nan=0.0)  # "log" with one token is 0/0
     mask_len = torch.clamp(torch.minimum(unknown - 1, mask_len), min=1)
     return mask_len.to(torch.long)
+
+
+def annealed_temperature(temperature: float, final: float | None, step: int, num_steps: int) -> float:
+    """The sampling temperature of step `step` (0-based) of `num_steps` when it is annealed from
+    `temperature` at the first step to `final` at the last, ReCAP's `samp_temp_schedule`
+    (liebenxj/ReCAP, `examples/MaskGIT+ReCAP/cache_decoding.py`, from AutoNAT):
+    `final + (1 - sqrt(step / (num_steps - 1))) (temperature - final)`; ReCAP starts from 1.
+    `final` None: `temperature` at every step."""
+    if not 0 <= step < num_steps:
+        raise ValueError(f"step must be in [0, {num_steps}), got {step}")
+    if final is None:
+        return temperature
+    progress = step / (num_steps - 1) if num_steps > 1 else 0.0  # numpy's linspace(0, 1, 1) is [0]
+    return final + (1.0 - math.sqrt(progress)) * (temperature - final)
 
 
 def mask_lowest_confidence(confidence: Tensor, mask_len: int | Tensor) -> Tensor:

@@ -180,10 +180,12 @@ class MaskGIT(GeneratorModel):
         return torch.cat([labels, null]) if guided else labels
 
     def sampling_options(self, sampler: str, **given):
-        options = super().sampling_options(sampler, **given)
-        if sampler == "recap":
-            from generators.recap import check_recap_options
+        from generators.recap import check_recap_options, unmask_counts
 
+        options = super().sampling_options(sampler, **given)
+        if "mask_schedule" in options:  # an unknown schedule, or one that cannot fill these steps: one line
+            unmask_counts(self.seq_len, options["steps"], options["mask_schedule"])
+        if sampler == "recap":
             check_recap_options(options["steps"], options["pre_full_iters"], options["num_cache_iters"])
         return options
 

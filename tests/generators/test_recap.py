@@ -1,12 +1,13 @@
 """ReCAP on MaskGIT: a cheap step from a cache of the same state is a full step; with no cheap steps
 ReCAP is the plain sampler draw for draw; the group schedule is the official one."""
+import numpy as np
 import pytest
 import torch
 
 import generators.maskgit.samplers  # noqa: F401  (registers the samplers)
 from generators.maskgit.model import MaskGIT, MaskGITConfig
-from generators.recap import check_recap_options, group_sizes, unmask_counts
-from generators.sampling import gumbel_noise
+from generators.recap import check_recap_options, group_sizes, recap_counts, sample_and_score, unmask_counts
+from generators.sampling import annealed_temperature, gumbel_noise
 
 VOCAB = 64
 
@@ -61,6 +62,8 @@ def test_cheap_step_sees_the_group_tokens_and_stale_context():
     (dict(steps=8), 0),
     (dict(steps=12, cfg=3.0, temperature=0.8, top_k=20), 0),
     (dict(steps=5, choice_temperature=0.7, top_p=0.9), 3),
+    (dict(steps=10, mask_schedule="recap", draw="recap", temperature=1.0, final_temperature=0.6), 0),
+    (dict(steps=7, cfg=2.0, mask_schedule="pow2.5", draw="recap", final_temperature=0.3), 2),
 ])
 def test_zero_cheap_steps_is_plain_token_for_token(options, pre):
     model = tiny()
@@ -172,3 +175,75 @@ def test_confidence_order_keeps_the_most_confident_of_the_groups_samples():
     first = {(b, int(q)): int(t) for b in range(8) for q, t in zip(pos1[b], ids1[b]) if t != model.mask_id}
     assert {**first, **replay(0.5)} == decoded
     assert {**first, **replay(2 / 3)} != decoded and {**first, **replay(0.0)} != decoded
+
+
+def official_ntoken_schedule(N: int, T: int) -> list[int]:
+    """ReCAP's MaskGIT script's counts, written from its formula (numpy, float64), its zero fix included."""
+    masked = np.floor((1 - np.linspace(0, 1, T + 1)[:-1] ** 2.5) * N).astype(int)
+    counts = (masked[:-1] - masked[1:]).tolist()
+    counts.append(N - sum(counts))
+    for i, n in enumerate(counts):
+        if n == 0:
+            counts[i] = 1
+            counts[-1] -= 1
+    return counts
+
+
+def test_recap_schedule_is_recaps_ntoken_schedule():
+    assert recap_counts(64, 16) == [1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 6, 6, 7, 7, 9, 7]
+    assert recap_counts(16, 12) == [1, 1, 1, 1, 1, 1, 2, 1, 2, 3, 2, 0]  # the official fix can leave the last 0
+    for N in (36, 64, 256):
+        for T in (1, 2, 8, 16, 20, 24, 32):
+            if T <= N and min(official_ntoken_schedule(N, T)) >= 0:
+                assert unmask_counts(N, T, "recap") == official_ntoken_schedule(N, T), (N, T)
+    with pytest.raises(ValueError):  # where the official rule goes negative, or steps > tokens
+        recap_counts(16, 14)
+    with pytest.raises(ValueError):
+        recap_counts(16, 17)
+    # not MaskGIT's pow2.5 rule, which re-masks at least one token every step instead
+    assert unmask_counts(16, 12, "pow2.5") != recap_counts(16, 12)
+
+
+def test_annealed_temperature_is_recaps_samp_temp_schedule():
+    for steps, final in ((16, 0.65), (24, 0.72), (2, 0.5), (1, 0.7)):
+        official = final + (1 - np.linspace(0, 1, steps) ** 0.5) * (1.0 - final)
+        ours = [annealed_temperature(1.0, final, s, steps) for s in range(steps)]
+        assert np.allclose(ours, official, rtol=0, atol=1e-12)
+    assert [annealed_temperature(0.8, None, s, 5) for s in range(5)] == [0.8] * 5
+
+
+@pytest.mark.parametrize("sampler, extra", [("plain", {}), ("recap", dict(num_cache_iters=0))])
+def test_recap_schedule_decodes_its_counts_each_step(sampler, extra):
+    """Record how many positions each forward pass sees masked: N - the counts decoded so far."""
+    model = tiny()
+    seen = []
+    forward = model.forward
+
+    def recording(ids, labels, **kw):
+        seen.append(int((ids[0] == model.mask_id).sum()))
+        return forward(ids, labels, **kw)
+
+    model.forward = recording
+    model.generate(torch.tensor([0, 1]), sampler=sampler, generator=torch.Generator().manual_seed(0), steps=9,
+                   mask_schedule="recap", **extra)
+    counts = recap_counts(36, 9)
+    assert seen == [36 - sum(counts[:t]) for t in range(9)]
+
+
+def test_recap_draw_keeps_a_tempered_sample_and_scores_an_untempered_one():
+    """draw "recap": the kept token follows softmax(logits / T); the score is the log-probability, at
+    temperature 1, of a separate draw from softmax(logits). draw "maskgit": the kept token is the scored one."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(40000, 1)
+
+    def probs(lg, t):
+        return (lg / t).softmax(-1)
+
+    p1, p_half = probs(logits[0], 1.0), probs(logits[0], 0.5)
+    kept, log_p = sample_and_score(probs, logits, 0.5, "recap", torch.Generator().manual_seed(0))
+    assert (torch.bincount(kept, minlength=4) / len(kept) - p_half).abs().max() < 0.01
+    scored = (log_p.exp()[:, None] - p1).abs().argmin(-1)  # which token each score belongs to
+    assert torch.allclose(log_p.exp(), p1[scored])
+    assert (torch.bincount(scored, minlength=4) / len(kept) - p1).abs().max() < 0.01
+    assert (scored != kept).float().mean() > 0.3  # two draws, not one
+    kept, log_p = sample_and_score(probs, logits, 0.5, "maskgit", torch.Generator().manual_seed(0))
+    assert torch.allclose(log_p.exp(), p_half[kept])
