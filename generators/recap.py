@@ -39,8 +39,8 @@ a sampling temperature annealed from 1 to 0.65-0.75; see `generators.maskgit.sam
 positions on an untempered draw while keeping a tempered one is what makes the fixed order work: the
 kept tokens no longer need MaskGIT's filtering of unlikely samples, because the low temperature has
 already removed them. On maskgit-mnist (16 steps, 3 cheap steps per full step, 1000 samples against
-training digits, seed 1234), the recipe with a final temperature of 0.6 gave FD 32.6 with cheap steps
-and 31.5 without, where MaskGIT's rule gave 39.9 (see README.md for several seeds).
+the held-out digits, seeds 0-4) ReCAP with the recipe has the same mean FD as plain decoding by
+MaskGIT's rule (48.1) at 2.1-2.3x its speed (README.md).
 
 A model serves ReCAP by offering the `CachedMaskedModel` interface (MaskGIT does; MAR has its own
 continuous variant, generators/mar/recap.py).
@@ -154,24 +154,28 @@ ProbsFn = Callable[[Tensor, float], Tensor]
 DRAWS = ("maskgit", "recap")
 
 
-def sample_and_score(probs: ProbsFn, logits: Tensor, temperature: float, draw: str,
-                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """One sample per position of `logits` and the log-probability its position is ranked by.
+def score_positions(probs: ProbsFn, logits: Tensor, temperature: float, draw: str,
+                    generator: torch.Generator) -> tuple[Tensor | None, Tensor]:
+    """What ranks each position of `logits`: (the sample it keeps or None, the log-probability it is ranked by).
 
-    draw "maskgit": the sample is drawn at `temperature` and scored by its own log-probability
-    (MaskGIT's `decode`). draw "recap" (ReCAP's scripts): the position is scored by the
-    log-probability of another draw, made at temperature 1, and keeps the draw made at
-    `temperature`, so a low sampling temperature sharpens the tokens without changing which
-    positions are confident. The draws, in order: the kept sample, then (recap) the scored one."""
-    p = probs(logits, temperature)
-    kept = sample_categorical(p, generator)[..., 0]
-    if draw == "maskgit":
-        return kept, torch.log(p.gather(-1, kept[..., None])[..., 0])
-    if draw != "recap":
+    draw "maskgit": a sample drawn at `temperature`, scored by its own log-probability (MaskGIT's `decode`).
+    draw "recap" (ReCAP's scripts): the log-probability of a draw at temperature 1; the position keeps another
+    draw, made at `temperature` once it is chosen (`draw_kept`), so a low sampling temperature sharpens the
+    tokens without changing which positions are confident. None then: only chosen positions draw again."""
+    if draw not in DRAWS:
         raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
-    p1 = probs(logits, 1.0)
-    scored = sample_categorical(p1, generator)[..., 0]
-    return kept, torch.log(p1.gather(-1, scored[..., None])[..., 0])
+    p = probs(logits, temperature if draw == "maskgit" else 1.0)
+    drawn = sample_categorical(p, generator)[..., 0]
+    log_p = torch.log(p.gather(-1, drawn[..., None])[..., 0])
+    return (drawn if draw == "maskgit" else None), log_p
+
+
+def draw_kept(probs: ProbsFn, logits: Tensor, positions: Tensor, temperature: float,
+              generator: torch.Generator) -> Tensor:
+    """Draw recap's kept tokens at `positions` (B, n) of `logits` (repeat * B, N, V) at `temperature`."""
+    repeat = len(logits) // len(positions)
+    rows = logits.gather(1, positions.repeat(repeat, 1)[..., None].expand(-1, -1, logits.shape[-1]))
+    return sample_categorical(probs(rows, temperature), generator)[..., 0]
 
 
 def sample_tokens(model: CachedMaskedModel, labels: Tensor, *, batch_size: int, steps: int,
@@ -186,12 +190,12 @@ def sample_tokens(model: CachedMaskedModel, labels: Tensor, *, batch_size: int, 
     of that batch into the batch_size rows of processed probabilities (guidance, temperature, top-k,
     top-p). Step s (full or cheap) samples at `annealed_temperature(temperature, final_temperature, s,
     steps)`; `mask_schedule` says how many tokens each step decodes (`unmask_counts`); `draw` which
-    sample a position keeps and what ranks it (`sample_and_score`); `group_order` (see GROUP_ORDERS) which
+    sample a position keeps and what ranks it (`score_positions`); `group_order` (see GROUP_ORDERS) which
     of the group's positions a cheap step decodes.
-    The random draws, in order: at a full step the draws of `sample_and_score` at every position (as
-    MaskGIT draws) then the confidence noise; at a cheap step one draw per position it samples ("fixed"),
-    or `sample_and_score`'s draws then the noise ("confidence", except at the group's last step, which
-    takes everything left).
+    The random draws, in order: at a full step `score_positions`'s draw at every position (as MaskGIT
+    draws), the confidence noise, then (draw "recap") one draw per position decoded; at a cheap step one
+    draw per position it decodes ("fixed"), or `score_positions`'s draws, the noise and (recap) the kept
+    draws ("confidence", except at the group's last step, which takes everything left).
     """
     if group_order not in GROUP_ORDERS:
         raise ValueError(f"group_order must be one of {', '.join(GROUP_ORDERS)}, got {group_order!r}")
@@ -208,8 +212,7 @@ def sample_tokens(model: CachedMaskedModel, labels: Tensor, *, batch_size: int, 
         logits = model.forward_full(ids.repeat(repeat, 1), labels, caches)
         stats.nfe += 1
         unknown = ids == mask_id
-        drawn, log_p = sample_and_score(probs, logits, temps[step], draw, generator)
-        sampled = torch.where(unknown, drawn, ids)
+        drawn, log_p = score_positions(probs, logits, temps[step], draw, generator)
         confidence = maskgit_confidence(log_p, ~unknown, choice_temperature=choice_temperature, step=g,
                                         num_steps=len(groups), generator=generator)
         confidence = confidence.masked_fill(~unknown, -math.inf)  # rank the unknown positions only
@@ -217,7 +220,8 @@ def sample_tokens(model: CachedMaskedModel, labels: Tensor, *, batch_size: int, 
         # the group's positions, most confident first; order[:, :done] are the decoded ones
         order = confidence.argsort(dim=-1, descending=True, stable=True)[:, :group_end]
         first = order[:, : counts[step]]
-        ids.scatter_(1, first, sampled.gather(1, first))
+        kept = drawn.gather(1, first) if drawn is not None else draw_kept(probs, logits, first, temps[step], generator)
+        ids.scatter_(1, first, kept)
         done, step = counts[step], step + 1
         for j in range(1, size):
             logits = model.forward_cheap(order.repeat(repeat, 1), ids.gather(1, order).repeat(repeat, 1),
@@ -229,12 +233,15 @@ def sample_tokens(model: CachedMaskedModel, labels: Tensor, *, batch_size: int, 
                     drawn = sample_categorical(probs(logits[:, done: done + n], temps[step]), generator)[..., 0]
                     ids.scatter_(1, order[:, done: done + n], drawn)
             else:  # sample every undecoded position of the group, keep the n most confident
-                drawn, log_p = sample_and_score(probs, logits[:, done:], temps[step], draw, generator)
-                confidence = maskgit_confidence(log_p, torch.zeros_like(drawn, dtype=torch.bool),
+                rest = logits[:, done:]
+                drawn, log_p = score_positions(probs, rest, temps[step], draw, generator)
+                confidence = maskgit_confidence(log_p, torch.zeros_like(log_p, dtype=torch.bool),
                                                 choice_temperature=choice_temperature, step=g,
                                                 num_steps=len(groups), generator=generator)
                 rank = confidence.argsort(dim=-1, descending=True, stable=True)
                 order[:, done:] = order[:, done:].gather(1, rank)
-                ids.scatter_(1, order[:, done: done + n], drawn.gather(1, rank[:, :n]))
+                top = rank[:, :n]
+                kept = drawn.gather(1, top) if drawn is not None else draw_kept(probs, rest, top, temps[step], generator)
+                ids.scatter_(1, order[:, done: done + n], kept)
             done, step = done + n, step + 1
     return ids

@@ -30,12 +30,14 @@ temperature) and `--final-temperature` (the sampling temperature annealed from -
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from generators.base import SamplerOption, register_sampler
 from generators.maskgit.model import MaskGIT
-from generators.recap import DRAWS, RECAP_OPTIONS, sample_and_score, sample_tokens, unmask_counts
+from generators.recap import DRAWS, RECAP_OPTIONS, draw_kept, sample_tokens, score_positions, unmask_counts
 from generators.sampling import (annealed_temperature, cfg_llamagen, mask_lowest_confidence, maskgit_confidence,
                                  maskgit_mask_len, probabilities)
 from vision.tokens import GenerationStats, Tokens
@@ -82,18 +84,23 @@ def sample_plain(model: MaskGIT, labels: Tensor | None, *, generator: torch.Gene
         stats.nfe += 1
         t = annealed_temperature(temperature, final_temperature, step, steps)
         unknown = ids == model.mask_id
-        drawn, log_p = sample_and_score(probs, logits, t, draw, generator)
-        sampled = torch.where(unknown, drawn, ids)
+        drawn, log_p = score_positions(probs, logits, t, draw, generator)
         confidence = maskgit_confidence(log_p, ~unknown, choice_temperature=choice_temperature, step=step,
                                         num_steps=steps, generator=generator)
-        if step == steps - 1:  # MaskGIT returns the last step's samples
-            ids = sampled
-            break
-        if counts is None:
+        if step == steps - 1:
+            mask_len = torch.zeros((), dtype=torch.long)  # MaskGIT returns the last step's samples
+        elif counts is None:
             mask_len = maskgit_mask_len(N, unknown.sum(-1), step, steps, mask_schedule)
         else:  # ReCAP's counts: what is still masked after this step
-            mask_len = N - sum(counts[: step + 1])
-        ids = torch.where(mask_lowest_confidence(confidence, mask_len), model.mask_id, sampled)
+            mask_len = torch.tensor(N - sum(counts[: step + 1]))
+        if drawn is not None:  # MaskGIT's rule: keep the samples, mask the least confident again
+            ids = torch.where(mask_lowest_confidence(confidence, mask_len), model.mask_id,
+                              torch.where(unknown, drawn, ids))
+            continue
+        # recap's draw: the most confident unknown positions, as many as every row decodes, draw their tokens
+        n = int(unknown[0].sum()) - int(mask_len.reshape(-1)[0])
+        chosen = confidence.masked_fill(~unknown, -math.inf).argsort(dim=-1, descending=True, stable=True)[:, :n]
+        ids = ids.scatter(1, chosen, draw_kept(probs, logits, chosen, t, generator))
     return Tokens(model.spec, ids=ids.view(batch_size, *model.spec.grid))
 
 

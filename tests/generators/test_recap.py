@@ -6,7 +6,8 @@ import torch
 
 import generators.maskgit.samplers  # noqa: F401  (registers the samplers)
 from generators.maskgit.model import MaskGIT, MaskGITConfig
-from generators.recap import check_recap_options, group_sizes, recap_counts, sample_and_score, unmask_counts
+from generators.recap import (check_recap_options, draw_kept, group_sizes, recap_counts, score_positions,
+                             unmask_counts)
 from generators.sampling import annealed_temperature, gumbel_noise
 
 VOCAB = 64
@@ -231,19 +232,45 @@ def test_recap_schedule_decodes_its_counts_each_step(sampler, extra):
 
 
 def test_recap_draw_keeps_a_tempered_sample_and_scores_an_untempered_one():
-    """draw "recap": the kept token follows softmax(logits / T); the score is the log-probability, at
-    temperature 1, of a separate draw from softmax(logits). draw "maskgit": the kept token is the scored one."""
+    """draw "recap": a position is scored by the log-probability, at temperature 1, of a draw from
+    softmax(logits); the token it keeps is drawn again from softmax(logits / T). draw "maskgit": the kept
+    token is the scored one, drawn at T."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(40000, 1)
 
     def probs(lg, t):
         return (lg / t).softmax(-1)
 
     p1, p_half = probs(logits[0], 1.0), probs(logits[0], 0.5)
-    kept, log_p = sample_and_score(probs, logits, 0.5, "recap", torch.Generator().manual_seed(0))
-    assert (torch.bincount(kept, minlength=4) / len(kept) - p_half).abs().max() < 0.01
+    g = torch.Generator().manual_seed(0)
+    drawn, log_p = score_positions(probs, logits, 0.5, "recap", g)
+    assert drawn is None  # only the chosen positions draw their tokens
     scored = (log_p.exp()[:, None] - p1).abs().argmin(-1)  # which token each score belongs to
     assert torch.allclose(log_p.exp(), p1[scored])
-    assert (torch.bincount(scored, minlength=4) / len(kept) - p1).abs().max() < 0.01
+    assert (torch.bincount(scored, minlength=4) / len(scored) - p1).abs().max() < 0.01
+    kept = draw_kept(probs, logits[None], torch.arange(40000)[None], 0.5, g)[0]
+    assert (torch.bincount(kept, minlength=4) / len(kept) - p_half).abs().max() < 0.01
     assert (scored != kept).float().mean() > 0.3  # two draws, not one
-    kept, log_p = sample_and_score(probs, logits, 0.5, "maskgit", torch.Generator().manual_seed(0))
-    assert torch.allclose(log_p.exp(), p_half[kept])
+    drawn, log_p = score_positions(probs, logits, 0.5, "maskgit", torch.Generator().manual_seed(0))
+    assert torch.allclose(log_p.exp(), p_half[drawn])
+    assert (torch.bincount(drawn, minlength=4) / len(drawn) - p_half).abs().max() < 0.01
+
+
+def test_recap_draw_draws_only_the_decoded_positions():
+    """ReCAP's script draws the kept tokens for the group's positions only: with draw "recap" a full step of
+    plain decoding makes one categorical draw per position (the scores) plus one per decoded token."""
+    model = tiny()
+    sizes = []
+    real = torch.multinomial
+
+    def counting(p, *a, **kw):
+        sizes.append(p.shape[0])
+        return real(p, *a, **kw)
+
+    torch.multinomial = counting
+    try:
+        model.generate(torch.tensor([0, 1]), sampler="plain", generator=torch.Generator().manual_seed(0), steps=9,
+                       mask_schedule="recap", draw="recap")
+    finally:
+        torch.multinomial = real
+    counts = recap_counts(36, 9)
+    assert sizes == [n for c in counts for n in (2 * 36, 2 * c)]
