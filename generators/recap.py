@@ -13,8 +13,8 @@ fresh logits (which share: `group_order`, below). `pre_full_iters` steps run as 
 full step first, then groups of one full step plus `num_cache_iters` cheap ones; with
 `num_cache_iters = 0` every step is a full step and the decoding is the family's plain sampler.
 
-The MaskGIT rule applied to groups (`sample_tokens`): a step decodes as many tokens as MaskGIT's
-cosine schedule unmasks there (`unmask_counts`); the full step samples every masked token, scores
+The MaskGIT rule applied to groups (`sample_tokens`): a step decodes as many tokens as the mask
+schedule (MaskGIT's cosine by default) unmasks there (`unmask_counts`); the full step samples every masked token, scores
 it `log p(sampled) + choice_temperature (1 - (g + 1) / G) Gumbel` (g the group, G the number of
 groups: ReCAP anneals the noise over full steps, which is MaskGIT's rule when every group is one
 step) and keeps the most confident ones; a group of one step is exactly MaskGIT's step.
