@@ -30,13 +30,13 @@ colour overlay and a label map (see apps/segment_image.py).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vision.cli import ArgumentParser, UserError, add_common_args, check_output, resolve_device, run
+from vision.errors import require_writable
 
 DEFAULT_MODEL = "neunet-phantom"
 TASKS = ("semantic", "panoptic", "instance", "referring")
@@ -127,8 +127,7 @@ def plan(args) -> list[tuple[Path, Path]]:
         if not out_dir.parent.is_dir():
             raise UserError(f"output folder {out_dir.parent} does not exist")
         writes_in = out_dir if out_dir.is_dir() else out_dir.parent  # created there when missing
-        if not os.access(writes_in, os.W_OK | os.X_OK):
-            raise UserError(f"{out_dir}: no permission to write in {writes_in}")
+        require_writable(writes_in, str(out_dir))
         if out_dir.resolve() == src.resolve():
             raise UserError(f"-o {out_dir} is the input folder: the label maps would be read as volumes by the next "
                             "run; give another output folder")

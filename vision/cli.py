@@ -31,7 +31,7 @@ import torch
 from vision import argtypes
 from vision.atomic import atomic_path
 from vision.data.images import ImageReadError
-from vision.errors import ConfigError, TrainingDiverged, UserError
+from vision.errors import ConfigError, TrainingDiverged, UserError, require_writable
 from vision.hub import HubError
 from vision.progress import progress
 from vision.train.run_folder import interrupt_message, set_active as set_active_run
@@ -174,8 +174,7 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
         raise UserError(f"output folder {folder} does not exist")
     if not folder.is_dir():
         raise UserError(f"{path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):  # the file is created there under a temporary name
-        raise UserError(f"{path}: no permission to write in {folder}")
+    require_writable(folder, str(path))  # the file is created there under a temporary name
     return path
 
 

@@ -8,14 +8,13 @@ its two renames) holds the only copy of the previous output: it is refused, neve
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vision.errors import UserError
+from vision.errors import UserError, require_writable
 
 __all__ = ["FolderKind", "check_folder_output", "first_foreign", "publish_folder", "staging_for", "previous_for",
            "remove_staging"]
@@ -85,8 +84,7 @@ def check_folder_output(path: str | Path, overwrite: bool, kind: FolderKind) -> 
             _refuse_foreign(old, kind)
     if not path.parent.is_dir():
         raise UserError(f"output folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):  # the folder is staged beside it, then renamed
-        raise UserError(f"{path}: no permission to write in {path.parent}")
+    require_writable(path.parent, str(path))  # the folder is staged beside it, then renamed
     return path
 
 

@@ -22,7 +22,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from vision.errors import UserError
+from vision.errors import UserError, require_writable
 
 RUN_MARKERS = ("checkpoints/latest.pt", "metrics.jsonl", "model")
 CHECKPOINT = "checkpoints/latest.pt"
@@ -56,14 +56,12 @@ def check_run_folder(out: str | os.PathLike, *, resume: bool, overwrite: bool) -
 def _check_writable(out: Path, staged: bool) -> None:
     """Refuse an --out that could not be written, before any work: the run folder itself when it exists
     (the folder made for it otherwise), and the folder holding it when an --overwrite stages beside it."""
-    where = out if out.is_dir() else next((p for p in out.absolute().parents if p.exists()), None)
-    if where is None or not where.is_dir():
+    where = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())  # "/" exists
+    if not where.is_dir():
         raise UserError(f"--out {out}: {where} is not a folder")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: no permission to write in {where}")
-    if staged and not os.access(out.absolute().parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: no permission to write in {out.absolute().parent} (--overwrite stages the "
-                        "new run beside the old one)")
+    require_writable(where, f"--out {out}")
+    if staged:
+        require_writable(out.absolute().parent, f"--out {out}", " (--overwrite stages the new run beside the old one)")
 
 
 def staging_path(out: Path) -> Path:
