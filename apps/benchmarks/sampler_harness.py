@@ -94,8 +94,8 @@ def compare_samplers(model, tokenizer, runs: list[SamplerRun], *, timing_labels:
                      per_class: int = 100, quality_seeds: int = 3, seed: int = 0) -> dict[str, float]:
     """Flat figures: `{name}_wall_s`, `{name}_nfe`, `{name}_draft_nfe`, `{name}_mean_accepted`,
     `{name}_peak_memory_mb` for each run, and its quality on `quality_seeds` seeds (seed, seed + 1, ...):
-    `{name}_fd` and `{name}_accuracy`, the means, `{name}_fd_s{k}` / `{name}_accuracy_s{k}` each seed's and, with more than one seed,
-    `{name}_fd_noise` / `{name}_accuracy_noise`, their standard deviations. On a small model the FD of 1000
+    `{name}_fd` and `{name}_accuracy`, the means, `{name}_fd_s{k}` / `{name}_accuracy_s{k}` each seed's
+    and, with more than one seed, `{name}_fd_noise` / `{name}_accuracy_noise`, their standard deviations. On a small model the FD of 1000
     samples moves by several points between seeds, more than the differences a sampler comparison asks
     about; the mean over seeds is the figure to compare."""
     figures: dict[str, float] = {}
