@@ -58,20 +58,26 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     `skip_teardown` (only for a program's `__main__`, never in-process): once main is done, run the
     atexit handlers, flush and leave without the interpreter's teardown of torch's modules, which
     takes about 0.4 s of a short command's time. Every output is already complete by then
-    (atomic_output renames a closed file).
+    (atomic_output renames a closed file). A rank of a torchrun group always leaves this way (see
+    vision.train.distributed.joined_process_group).
     """
-    if skip_teardown:
-        try:
-            _run(main, argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if e.code is not None and not isinstance(e.code, int):
-                print(e.code, file=sys.stderr)
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _run(main, argv)
+    try:
+        _run(main, argv)
+    except SystemExit as e:
+        if not (skip_teardown or _joined_process_group()):
+            raise
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _joined_process_group() -> bool:
+    distributed = sys.modules.get("vision.train.distributed")  # imported only by programs that can join one
+    return distributed is not None and distributed.joined_process_group()
 
 
 def _run(main: Callable[[list[str] | None], int | None], argv: list[str] | None) -> None:

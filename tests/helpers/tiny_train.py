@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from vision.cli import run
 from vision.train import Phase, TrainConfig, Trainer
 
 
@@ -23,7 +24,7 @@ class Toy(Dataset):
         return self.x[index] + 0.05 * torch.randn(8, generator=generator), self.y[index]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=12)
@@ -35,7 +36,7 @@ def main():
     p.add_argument("--kill-at-step", type=int, default=-1)
     p.add_argument("--kill-in-save", type=int, default=-1, help="SIGKILL halfway through the N-th checkpoint write")
     p.add_argument("--nan-at-step", type=int, default=-1)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     if a.kill_in_save > 0:
@@ -75,5 +76,5 @@ def main():
         torch.save({"model": model.state_dict(), "ema": trainer.ema.model.state_dict()}, os.path.join(a.out, "final.pt"))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as an app runs: a torchrun rank leaves the way vision.cli.run makes it
+    run(main)

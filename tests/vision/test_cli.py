@@ -114,3 +114,46 @@ def test_skip_teardown_flushes_runs_atexit_and_keeps_the_exit_code(tmp_path, mod
                           capture_output=True, text=True)
     assert (proc.returncode, proc.stdout, proc.stderr) == (code, "partial line, no newline", err)
     assert marker.read_text() == "atexit ran"
+
+
+TORCHRUN_RANK_APP = r"""
+import atexit, os, sys
+import torch
+import torch.distributed as dist
+from vision.cli import run
+from vision.train.distributed import setup_distributed
+
+marker = os.path.join(sys.argv[1], f"rank{os.environ['RANK']}")
+atexit.register(lambda: open(marker + ".atexit", "w").write(str(dist.is_initialized())))
+
+
+class WrittenAtInterpreterTeardown:
+    def __del__(self, open=open, path=marker + ".teardown"):  # builtins may be gone by then
+        open(path, "w").write("the interpreter's teardown ran")
+
+
+keep = WrittenAtInterpreterTeardown()
+
+
+def main(argv):
+    setup_distributed(torch.device("cpu"))
+    print(f"rank {os.environ['RANK']} done", end="")
+    return 0
+
+run(main, [])
+"""
+
+
+def test_a_torchrun_rank_leaves_without_the_interpreter_teardown(tmp_path):
+    """DDP keeps gloo's threads alive past destroy_process_group; tearing them down with the interpreter
+    aborted a finished rank now and then. A rank that joined a group runs its atexit handlers (the group is
+    destroyed by then), flushes, and leaves before the interpreter's teardown."""
+    app = tmp_path / "app.py"
+    app.write_text(TORCHRUN_RANK_APP)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(app), str(tmp_path)], env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.atexit").read_text() == "False"  # the group was destroyed first
+        assert not (tmp_path / f"rank{rank}.teardown").exists()

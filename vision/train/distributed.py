@@ -1,6 +1,7 @@
 """torchrun / DDP set-up: gloo on CPU, nccl on GPU; a plain `python -m ...` is a world of one."""
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,18 @@ class DistInfo:
         return self.world_size > 1
 
 
+_joined = False  # this process joined a group through setup_distributed
+
+
+def joined_process_group() -> bool:
+    """Whether this process joined a torchrun group. Such a process should leave without the interpreter's
+    static teardown (vision.cli.run does): DistributedDataParallel keeps the gloo group alive in C++ even
+    after destroy_process_group (its worker threads survive; torch 2.14), and tearing those threads down
+    with the interpreter aborted a finished rank now and then ("terminate called without an active
+    exception", SIGABRT); torchrun then SIGTERMs the other ranks and reports the run as failed."""
+    return _joined
+
+
 def setup_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes in the environment (if any)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -37,6 +50,9 @@ def setup_distributed(device: torch.device) -> DistInfo:
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            atexit.register(teardown_distributed)
+            global _joined
+            _joined = True
     return DistInfo(rank, world, local_rank, device)
 
 
