@@ -17,7 +17,10 @@ The MaskGIT rule applied to groups (`sample_tokens`): a step decodes as many tok
 schedule (MaskGIT's cosine by default) unmasks there (`unmask_counts`); the full step samples every masked token, scores
 it `log p(sampled) + choice_temperature (1 - (g + 1) / G) Gumbel` (g the group, G the number of
 groups: ReCAP anneals the noise over full steps, which is MaskGIT's rule when every group is one
-step) and keeps the most confident ones; a group of one step is exactly MaskGIT's step.
+step) and keeps the most confident ones; a group of one step is exactly MaskGIT's step (with
+`draw="maskgit"`; with `draw="recap"` the kept token is drawn again at the step's temperature even in a
+group of one step, where ReCAP's script keeps the temperature-1 draw it ranked: the one place Tessera
+differs from it; README.md, "Masked generation: MaskGIT and ReCAP").
 
 Which of the group's positions a cheap step decodes (`group_order`):
 
@@ -117,7 +120,9 @@ def recap_counts(num_tokens: int, steps: int) -> list[int]:
     if steps > num_tokens:
         raise ValueError(f"--mask-schedule recap decodes at least one token a step: --steps must be at most "
                          f"{num_tokens}, got {steps}")
-    masked = [math.floor((1.0 - (t / steps) ** 2.5) * num_tokens) for t in range(steps)]
+    # t * (1 / T), as numpy's linspace(0, 1, T + 1) computes it: t / T rounds differently now and then
+    # (N = 243, T = 45, t = 20: 211 against the official 210 masked)
+    masked = [math.floor((1.0 - (t * (1.0 / steps)) ** 2.5) * num_tokens) for t in range(steps)]
     counts = [a - b for a, b in zip(masked, masked[1:])]
     counts.append(num_tokens - sum(counts))
     for t in range(steps):  # as the official loop: the last entry, once reached, ends up 0 when it was 0

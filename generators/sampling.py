@@ -286,6 +286,8 @@ def maskgit_mask_ratio(ratio: Tensor, num_tokens: Tensor, schedule: str = "cosin
             exponent = float(schedule[3:])
         except ValueError:
             raise ValueError(f"unknown mask schedule {schedule!r}; use one of {MASK_SCHEDULES}") from None
+        if not (math.isfinite(exponent) and exponent > 0):
+            raise ValueError(f"mask schedule {schedule!r}: the exponent must be a finite number above 0")
         mask_ratio = 1.0 - ratio ** exponent
     elif schedule == "log":
         mask_ratio = -torch.log2(ratio) / torch.log2(num_tokens)

@@ -197,10 +197,15 @@ def test_recap_schedule_is_recaps_ntoken_schedule():
         for T in (1, 2, 8, 16, 20, 24, 32):
             if T <= N and min(official_ntoken_schedule(N, T)) >= 0:
                 assert unmask_counts(N, T, "recap") == official_ntoken_schedule(N, T), (N, T)
+    # where t / T and numpy's linspace round differently (211 against 210 masked before step 20)
+    assert unmask_counts(243, 45, "recap") == official_ntoken_schedule(243, 45)
     with pytest.raises(ValueError):  # where the official rule goes negative, or steps > tokens
         recap_counts(16, 14)
     with pytest.raises(ValueError):
         recap_counts(16, 17)
+    for bad in ("pow0", "pow-1", "pownan", "powinf", "pow"):  # a degenerate exponent is refused, not run
+        with pytest.raises(ValueError):
+            unmask_counts(16, 12, bad)
     # not MaskGIT's pow2.5 rule, which re-masks at least one token every step instead
     assert unmask_counts(16, 12, "pow2.5") != recap_counts(16, 12)
 
