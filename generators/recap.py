@@ -19,8 +19,8 @@ it `log p(sampled) + choice_temperature (1 - (g + 1) / G) Gumbel` (g the group, 
 groups: ReCAP anneals the noise over full steps, which is MaskGIT's rule when every group is one
 step) and keeps the most confident ones; a group of one step is exactly MaskGIT's step (with
 `draw="maskgit"`; with `draw="recap"` the kept token is drawn again at the step's temperature even in a
-group of one step, where ReCAP's script keeps the temperature-1 draw it ranked: the one place Tessera
-differs from it; README.md, "Masked generation: MaskGIT and ReCAP").
+group of one step, where ReCAP's script keeps the temperature-1 draw it ranked; Tessera differs
+there, see README.md, "Masked generation: MaskGIT and ReCAP").
 
 Which of the group's positions a cheap step decodes (`group_order`):
 
