@@ -4,7 +4,8 @@ A folder is built in a hidden sibling `.NAME.partial` and published by renames: 
 `.NAME.partial` -> `NAME`, then `.NAME.old` is deleted. `--overwrite` replaces only a folder the same
 program wrote, which a `FolderKind` recognises; anything else is refused before any work, naming the
 first entry the program did not write. A `.NAME.old` without `NAME` (a replacement interrupted between
-its two renames) holds the only copy of the previous output: it is refused, never deleted.
+its two renames) holds the only copy of the previous output: it is refused, never deleted. Missing folders
+above NAME are made (after every check passed), as a training run's `--out` is.
 """
 from __future__ import annotations
 
@@ -82,9 +83,15 @@ def check_folder_output(path: str | Path, overwrite: bool, kind: FolderKind) -> 
         _refuse_foreign(path, kind)
         if old.exists() or old.is_symlink():  # left by a finished replacement that was stopped while deleting it
             _refuse_foreign(old, kind)
-    if not path.parent.is_dir():
-        raise UserError(f"output folder {path.parent} does not exist")
-    require_writable(path.parent, str(path))  # the folder is staged beside it, then renamed
+    if path.parent.is_dir():
+        require_writable(path.parent, str(path))  # the folder is staged beside it, then renamed
+        return path
+    # missing folders above it are made, as a training run's --out is (tokens/NAME on a fresh clone)
+    where = next(p for p in path.absolute().parents if p.exists() or p.is_symlink())  # "/" exists
+    if not where.is_dir():
+        raise UserError(f"{path}: {where} is not a folder")
+    require_writable(where, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -244,3 +244,14 @@ def test_make_shapes_keeps_the_old_folder_until_the_new_one_is_in(tmp_path, monk
         make_shapes(scenes, "--overwrite", "--seed", 7)
     assert tree(scenes) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes"]
+
+
+def test_missing_folders_above_the_output_are_made_after_the_checks(tmp_path):
+    target = tmp_path / "tokens" / "nested" / "cache"  # `--out tokens/NAME` on a fresh clone
+    assert check_folder_output(target, False, PNGS) == target
+    assert target.parent.is_dir() and not target.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="is not a folder"):
+        check_folder_output(blocker / "sub" / "cache", False, PNGS)
+    assert not (blocker.parent / "sub").exists()
