@@ -18,9 +18,8 @@ schedule (MaskGIT's cosine by default) unmasks there (`unmask_counts`); the full
 it `log p(sampled) + choice_temperature (1 - (g + 1) / G) Gumbel` (g the group, G the number of
 groups: ReCAP anneals the noise over full steps, which is MaskGIT's rule when every group is one
 step) and keeps the most confident ones; a group of one step is exactly MaskGIT's step (with
-`draw="maskgit"`; with `draw="recap"` the kept token is drawn again at the step's temperature even in a
-group of one step, where ReCAP's script keeps the temperature-1 draw it ranked; Tessera differs
-there, see README.md, "Masked generation: MaskGIT and ReCAP").
+`draw="maskgit"`; with `draw="recap"` the kept token is drawn again at the step's temperature, in a group of
+one step too, as ReCAP's script draws `local_x` from the group's logits at `local_temp` in every group).
 
 Which of the group's positions a cheap step decodes (`group_order`):
 
