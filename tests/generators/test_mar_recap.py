@@ -12,7 +12,8 @@ one cheap step without guidance; two cheap steps after one full-only step with l
 temperature 0.9; three cheap steps after two full-only steps with constant guidance 2 (a last group of one
 step); no cheap steps with linear guidance 3 (the official last-step scale). All sampled tokens agreed to
 2.6e-7 relative (max abs 0.0114 on tokens of magnitude up to 5.4e4: the random head blows them up, and the
-official diffusion gathers its coefficients in float32). diff_fast_ratio is 0.5 in every case: the official
+official diffusion gathers its coefficients in float32; on another CPU, with other float32 kernels, our tokens
+are off the recorded ones by up to 0.04, so the test allows 4e-6 of the largest token). diff_fast_ratio is 0.5 in every case: the official
 code builds its fast diffusion at the first call, a full step, so every official run uses 0.5 whatever it is
 passed (see generators/mar/recap.py). The repository holds no official code.
 """
@@ -199,7 +200,10 @@ def test_tokens_equal_the_official_recap_mar(case):
     ours = run_recap(model, torch.tensor([1, 3]), 0, orders=torch.tensor(ORDERS), diffusion_steps=6,
                      diffusion_spacing="even", diff_fast_ratio=0.5, official_last_guidance=True,
                      noise_fn=lambda n, K, D: torch.randn(n, K, D, generator=g, dtype=torch.float64), **CASES[case])
-    assert torch.allclose(ours.flatten(), torch.tensor(RECORDED[case], dtype=torch.float64), rtol=2e-6, atol=0)
+    recorded = torch.tensor(RECORDED[case], dtype=torch.float64)
+    # float32 rounding (the official coefficient gather) differs between CPUs: measured 0.0114 and 0.04 of tokens
+    # up to 5.4e4 on two machines; a wrong step moves tokens by thousands
+    assert (ours.flatten() - recorded).abs().max() <= 4e-6 * recorded.abs().max()
 
 
 # ---------------------------------------------------------------------- (d) bad arguments
