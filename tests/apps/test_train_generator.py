@@ -91,8 +91,8 @@ def test_two_processes_equal_one(tokens, tmp_path, mode):
     train(tokens, tmp_path / "two", *(["--fsdp"] if mode == "fsdp" else []), torchrun=2)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    for k in a:  # two ranks add the gradients in another order: float32 rounding, measured up to 5e-6 relative
+        torch.testing.assert_close(a[k], b[k], rtol=2e-5, atol=1e-6)
 
 
 def test_fsdp_resume_after_sigkill(tokens, tmp_path):
