@@ -42,7 +42,7 @@ positions on an untempered draw while keeping a tempered one is what makes the f
 kept tokens no longer need MaskGIT's filtering of unlikely samples, because the low temperature has
 already removed them. On maskgit-mnist (16 steps, 3 cheap steps per full step, 1000 samples against
 the held-out digits, seeds 0-4) ReCAP with the recipe has the same mean FD as plain decoding by
-MaskGIT's rule (48.1) at 2.0-2.3x its speed (README.md).
+MaskGIT's rule (48.1) at 1.99-2.28x its speed (README.md).
 
 A model serves ReCAP by offering the `CachedMaskedModel` interface (MaskGIT does; MAR has its own
 continuous variant, generators/mar/recap.py).

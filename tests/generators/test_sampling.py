@@ -116,6 +116,50 @@ def test_top_p_probabilities_and_tie_order():
     assert _kept(filter_logits(uniform, top_p=0.5, top_p_style="var")) == [True, True, False, False]
 
 
+def _peaked_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Logits as a trained model gives them: a few likely tokens, a long tail; some rows with ties,
+    -inf entries (after top-k) or a boundary that falls on top_p exactly."""
+    g = _generator(seed)
+    logits = torch.randn(rows, vocab, generator=g) * torch.rand(rows, 1, generator=g).mul(10)
+    logits[:5, :40] = logits[:5, :1]  # ties among the likely tokens
+    logits[5:10] = logits[5:10].round()  # ties everywhere
+    logits[10:15, vocab // 3:] = -INF
+    logits[15] = -30.0  # masses 0.5, 0.25, then the rest: the boundary lies on 0.75
+    logits[15, :2] = torch.log(torch.tensor([0.5, 0.25]))
+    logits[15, 2:] = math.log(0.25 / (vocab - 2))
+    return logits
+
+
+@pytest.mark.parametrize("style", ["var", "llamagen"])
+@pytest.mark.parametrize("vocab", [512, 4096])
+def test_top_p_fast_path_equals_the_full_sort(style, vocab, monkeypatch):
+    """Rows whose boundary lies among the most likely tokens skip the full sort; the mask is the full
+    sort's, entry for entry, for every row (ties, -inf, a boundary exactly on top_p fall back)."""
+    from generators import sampling
+
+    full = sampling._TOP_P_MASKS[style]
+    sorted_rows = []
+
+    def counting(logits, top_p):
+        sorted_rows.append(logits.reshape(-1, logits.shape[-1]))
+        return full(logits, top_p)
+
+    logits = _peaked_logits(400, vocab, seed=vocab)
+    for top_p in (0.3, 0.75, 0.9, 0.96, 0.999):
+        expected = full(logits, top_p)
+        monkeypatch.setitem(sampling._TOP_P_MASKS, style, counting)
+        sorted_rows.clear()
+        got = sampling._top_p_mask(logits.view(20, 20, vocab), top_p, style).view(400, vocab)
+        monkeypatch.setitem(sampling._TOP_P_MASKS, style, full)
+        assert torch.equal(got, expected), top_p
+        assert torch.equal(filter_logits(logits, top_p=top_p, top_p_style=style).isfinite(), ~expected)
+        sorted_rows_now = torch.cat(sorted_rows) if sorted_rows else logits[:0]
+        if top_p == 0.75:  # row 15 (its boundary on top_p) went through the full sort
+            assert (sorted_rows_now == logits[15]).all(-1).any()
+        if top_p <= 0.9:
+            assert len(sorted_rows_now) < 300  # most rows did not
+
+
 def test_top_p_argument_checks():
     with pytest.raises(ValueError):
         filter_logits(DYADIC, top_p=1.5)
