@@ -130,7 +130,7 @@ def _top_p_mask(logits: Tensor, top_p: float, style: str) -> Tensor:
     full = _TOP_P_MASKS[style]
     rows = logits.reshape(-1, V)
     k = TOP_P_CANDIDATES
-    if V <= 2 * k:
+    if V <= 2 * k or logits.device.type == "mps":  # MPS has no float64
         return full(logits, top_p)
     margin = max(1e-3, 4 * V * 2.0 ** -24)
     values, index = torch.topk(rows, k + 1, dim=-1)  # descending
