@@ -131,33 +131,32 @@ def _peaked_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("style", ["var", "llamagen"])
-@pytest.mark.parametrize("vocab", [512, 4096])
-def test_top_p_fast_path_equals_the_full_sort(style, vocab, monkeypatch):
-    """Rows whose boundary lies among the most likely tokens skip the full sort; the mask is the full
-    sort's, entry for entry, for every row (ties, -inf, a boundary exactly on top_p fall back)."""
+@pytest.mark.parametrize("vocab", [1, 7, 512, 4096])
+def test_top_p_threshold_equals_the_full_sort(style, vocab):
+    """The top-p mask found from the sorted values and a binary search is the full index sort's, entry for
+    entry: peaked rows, ties at the boundary (only some of the tied tokens go), -inf entries, a boundary on
+    top_p exactly, signed zeros, rows with NaN or infinite logits (the full rule's), float64."""
     from generators import sampling
 
     full = sampling._TOP_P_MASKS[style]
-    sorted_rows = []
-
-    def counting(logits, top_p):
-        sorted_rows.append(logits.reshape(-1, logits.shape[-1]))
-        return full(logits, top_p)
-
-    logits = _peaked_logits(400, vocab, seed=vocab)
-    for top_p in (0.3, 0.75, 0.9, 0.96, 0.999):
+    logits = _peaked_logits(400, vocab, seed=vocab) if vocab > 40 else torch.randn(60, vocab, generator=_generator(1))
+    logits[20:30] = (logits[20:30] * 2).round() / 2  # coarse values: ties at most boundaries
+    logits[30, ::2] = -0.0
+    logits[31] = 0.0
+    logits[32] = -INF
+    logits[33, 0] = math.nan
+    logits[34, -1] = INF
+    for top_p in (0.0, 0.3, 0.75, 0.9, 0.96, 0.999):
         expected = full(logits, top_p)
-        monkeypatch.setitem(sampling._TOP_P_MASKS, style, counting)
-        sorted_rows.clear()
-        got = sampling._top_p_mask(logits.view(20, 20, vocab), top_p, style).view(400, vocab)
-        monkeypatch.setitem(sampling._TOP_P_MASKS, style, full)
+        got = sampling._top_p_mask(logits.view(-1, 20, vocab), top_p, style).view_as(logits)
         assert torch.equal(got, expected), top_p
-        assert torch.equal(filter_logits(logits, top_p=top_p, top_p_style=style).isfinite(), ~expected)
-        sorted_rows_now = torch.cat(sorted_rows) if sorted_rows else logits[:0]
-        if top_p == 0.75:  # row 15 (its boundary on top_p) went through the full sort
-            assert (sorted_rows_now == logits[15]).all(-1).any()
-        if top_p <= 0.9:
-            assert len(sorted_rows_now) < 300  # most rows did not
+        assert torch.equal(sampling._top_p_mask(logits.double(), top_p, style), full(logits.double(), top_p)), top_p
+        kept = filter_logits(logits[:20], top_p=top_p, top_p_style=style).isfinite()
+        assert torch.equal(kept, ~expected[:20] & logits[:20].isfinite())
+    if vocab > 40:  # some boundary ties were split, so the tie order was exercised
+        ties = logits[20:30]
+        t = ties.masked_fill(full(ties, 0.9), INF).min(-1, keepdim=True).values  # the smallest kept value
+        assert ((ties == t) & full(ties, 0.9)).any()
 
 
 def test_top_p_argument_checks():
@@ -274,6 +273,42 @@ def test_sample_categorical_shapes_and_frequencies():
     draws = sample_categorical(probs.expand(20000, 4), _generator(1)).flatten()
     assert not (draws == 1).any()
     assert chi_square_test(draws, probs.double()) > 0.01
+
+
+def test_cpu_single_draw_is_torch_multinomial_draw_for_draw():
+    """sample_categorical's CPU path (uniform doubles, log1p only where p > 0) gives torch.multinomial's draws
+    and leaves the generator where torch.multinomial would: peaked and flat rows, zeros, denormals, V = 1."""
+    g = _generator(3)
+    logits = torch.randn(300, 512, generator=g) * torch.rand(300, 1, generator=g) * 12
+    peaked = filter_logits(logits, top_p=0.9, top_p_style="var").softmax(-1)
+    flat = torch.full((50, 700), 1.0 / 700)
+    sparse = torch.zeros(64, 33)
+    sparse[torch.arange(64), torch.arange(64) % 33] = 1.0
+    sparse[::2, 5] = 1e-42  # a denormal probability still counts as > 0
+    cases = [peaked, flat, sparse, torch.ones(8, 1), peaked[:1, None].expand(1, 2, 512).contiguous()]
+    for probs in cases:
+        for seed in (0, 1):
+            ours, theirs = _generator(seed), _generator(seed)
+            drawn = sample_categorical(probs, ours)
+            flat_probs = probs.reshape(-1, probs.shape[-1])
+            expected = torch.multinomial(flat_probs, 1, replacement=True, generator=theirs)
+            assert torch.equal(drawn.reshape(-1, 1), expected)
+            assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
+    with pytest.raises(RuntimeError):  # invalid rows get torch's own error
+        sample_categorical(torch.zeros(2, 4), _generator(0))
+
+
+def test_exponential_from_uniform_matches_the_c_library_at_float32_midpoints():
+    """Where a double lies next to a float32 rounding midpoint, torch's vectorised log1p and the C library's
+    can round to different floats; the CPU draw path must give the C library's (exponential_'s) value."""
+    from generators.sampling import _exponential_from_uniform
+
+    q = torch.rand(20000, generator=_generator(0)) * 20 + 1e-3
+    upper = torch.nextafter(q, torch.tensor(math.inf))
+    u = -torch.expm1(-(q.double() + upper.double()) / 2)  # draws whose Exp(1) value is a float32 midpoint
+    u = torch.cat([u, torch.tensor([0.0, 0.5, 1 - 2.0 ** -53], dtype=torch.float64)])
+    libm = torch.tensor([-math.log1p(-x) for x in u.tolist()], dtype=torch.float64).float()
+    assert torch.equal(_exponential_from_uniform(u), libm)
 
 
 def test_gumbel_noise_is_gumbel_and_finite():
