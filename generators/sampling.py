@@ -118,7 +118,9 @@ def _sorted_ascending(rows: Tensor) -> Tensor:
     """The rows' values in ascending order (values only: which of equal tokens goes is decided by position
     below). On the CPU numpy's vectorised sort, several times faster than torch.sort with its indices."""
     if rows.device.type == "cpu":
-        return torch.from_numpy(np.sort(rows.detach().numpy(), axis=-1))
+        ascending = rows.detach().clone()  # sorted in place: the buffer stays torch's (and its profiler's)
+        ascending.numpy().sort(axis=-1)
+        return ascending
     return torch.sort(rows, dim=-1).values
 
 
@@ -277,6 +279,9 @@ def sample_categorical(probs: Tensor, generator: torch.Generator, num_samples: i
     return drawn.reshape(*probs.shape[:-1], num_samples)
 
 
+_DRAW_BLOCK = 1 << 19  # uniform doubles drawn at a time by _multinomial_one_cpu (4 MB)
+
+
 def _valid_distributions(flat: Tensor) -> bool:
     """torch.multinomial's own checks (finite, >= 0, every row's sum > 0); a failing input goes to it for its
     error message."""
@@ -306,16 +311,20 @@ def _multinomial_one_cpu(flat: Tensor, generator: torch.Generator) -> Tensor:
 
     torch draws one sample as argmax(p / q) with q = exponential_(1) over the whole tensor (one random64 per
     entry, in memory order), and its serial kernel spends most of its time in log1p. Here the same random64
-    stream is drawn as uniform doubles, and q is computed only where it can matter: entries with p > 0 (p / q
-    is 0 elsewhere, as in torch) and the draws of exactly 0 (q = 0 there, so 0 / 0 as in torch)."""
-    u = torch.empty(flat.shape, dtype=torch.float64).uniform_(generator=generator)
-    live = flat > 0
-    if bool(u.min() == 0):
-        live |= u == 0
-    live = live.view(-1).nonzero()[:, 0]
-    ratio = torch.zeros_like(flat)
-    ratio.view(-1)[live] = flat.view(-1)[live] / _exponential_from_uniform(u.view(-1)[live])
-    return ratio.argmax(-1, keepdim=True)
+    stream is drawn as uniform doubles, a block of rows at a time (the same order, in bounded memory), and q
+    is computed only where it can matter: entries with p > 0 (p / q is 0 elsewhere, as in torch) and the
+    draws of exactly 0 (q = 0 there, so 0 / 0 as in torch)."""
+    drawn = []
+    for part in flat.split(max(1, _DRAW_BLOCK // flat.shape[1])):
+        u = torch.empty(part.shape, dtype=torch.float64).uniform_(generator=generator)
+        live = part > 0
+        if bool(u.min() == 0):
+            live |= u == 0
+        live = live.view(-1).nonzero()[:, 0]
+        ratio = torch.zeros_like(part)
+        ratio.view(-1)[live] = part.reshape(-1)[live] / _exponential_from_uniform(u.view(-1)[live])
+        drawn.append(ratio.argmax(-1, keepdim=True))
+    return torch.cat(drawn)
 
 
 def _gumbel_from_uniform(u: Tensor) -> Tensor:

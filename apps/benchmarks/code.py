@@ -11,8 +11,9 @@ drafter's own defaults) for every run (apps/benchmarks/sampler_harness.py). For 
   CoDe measures it (the VQVAE decoder is not timed);
 - `memory_ratio_n{N}`: CoDe's peak memory over the large model's, each measured in its own child process
   generating that batch: on CUDA the allocator's peak (weights of every loaded model included, as CoDe's
-  `measure_peak_memory`); on a CPU the resident high-water mark above the process's size before any model was
-  loaded (so the interpreter and torch do not dilute the ratio). Both include the VQVAE's weights;
+  `measure_peak_memory`); on a CPU the same quantity, the weights of every loaded model plus the peak of the
+  tensors the generation allocates (the profiler's allocation events: `sampler_harness.tensor_peak_mb`). Both
+  include the VQVAE's weights;
 - `fd_large`, `fd_code_n{N}`, `accuracy_large`, `accuracy_code_n{N}`: Fréchet distance in the MNIST
   classifier's features and class accuracy of 100 samples per digit (--quick: 20); `fd_small` /
   `accuracy_small`: the refiner alone, and `fd_noise`: the spread of the large model's FD over three other
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from apps.benchmarks import benchmark, peak_rss_mb
+from apps.benchmarks import benchmark
 
 DRAFTER, REFINER = "var-mnist", "var-mnist-refiner"
 DRAFT_STEPS = (3, 4, 5)
@@ -51,45 +52,32 @@ def load_pair(drafter: str, refiner: str, device="cpu"):
     return pipe.generator, small, pipe.tokenizer
 
 
-def current_rss_mb() -> float:
-    """This process's resident memory now (Linux VmRSS; elsewhere the peak, the best available)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mb()
-
-
 def memory_child(drafter: str, refiner: str, draft_steps: int, images: int, threads: int, device: str) -> dict:
     """Runs in a fresh process: load the drafter (and the refiner when draft_steps > 0), generate `images`
     digits once to warm up and once measured; the peak memory of the measured run (see the module docstring)."""
-    from apps.benchmarks.sampler_harness import peak_memory_mb, reset_peak_memory
+    from apps.benchmarks.sampler_harness import tensor_mb, tensor_peak_mb
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    import generators.var.collaborative  # noqa: F401 -- imports done before the baseline
-
-    before_models = current_rss_mb()
     if draft_steps > 0:
-        model, small, _ = load_pair(drafter, refiner, dev)
-        options = {"refiner": small, "draft_steps": draft_steps}
-        sampler = "code"
+        model, small, tokenizer = load_pair(drafter, refiner, dev)
+        options, sampler, weights = {"refiner": small, "draft_steps": draft_steps}, "code", tensor_mb(small)
     else:
         from generators.pipeline import GenerationPipeline
 
-        model, sampler, options = GenerationPipeline.load(drafter, device=dev).generator, "plain", {}
+        pipe = GenerationPipeline.load(drafter, device=dev)
+        model, tokenizer, sampler, options, weights = pipe.generator, pipe.tokenizer, "plain", {}, 0.0
+    weights += tensor_mb(model, tokenizer)
     labels = torch.arange(images, device=dev) % 10
+
+    def generate():
+        model.generate(labels, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), **options)
+
     model.generate(labels[:2], sampler=sampler, generator=torch.Generator(dev).manual_seed(0), **options)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    reset_peak_memory(dev)
-    model.generate(labels, sampler=sampler, generator=torch.Generator(dev).manual_seed(0), **options)
-    peak = peak_memory_mb(dev)
-    used = peak if dev.type == "cuda" else peak - before_models
-    return {"peak_memory_mb": used}
+    peak = tensor_peak_mb(generate, dev)
+    return {"peak_memory_mb": peak if dev.type == "cuda" else weights + peak}
 
 
 def _run_memory_child(drafter: str, refiner: str, draft_steps: int, images: int, device: str) -> float:

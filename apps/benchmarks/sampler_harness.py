@@ -48,6 +48,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak_rss_mb()
 
 
+def tensor_peak_mb(fn, device: torch.device) -> float:
+    """Run `fn()` and return the peak memory of the tensors on `device` during it, in MB: on CUDA the
+    allocator's peak (everything allocated, weights included); on a CPU the high-water mark of the tensors
+    `fn` allocated above those live when it started, from the profiler's allocation and free events in time
+    order (memory that torch's CPU allocator hands out; the process's resident size would count freed
+    memory the C library keeps, and libraries loaded on first use)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def tensor_mb(*modules) -> float:
+    """The parameters and buffers of the given modules, in MB."""
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()]) / 2**20
+
+
 def time_samplers(model, runs: list[SamplerRun], labels: torch.Tensor, *, repeats: int = 3, seed: int = 0,
                   warmup: bool = True) -> dict[str, dict[str, float]]:
     """Median wall time, forward passes, accepted tokens per iteration and peak memory of each run, on the

@@ -266,15 +266,18 @@ class VAR(GeneratorModel):
     # ------------------------------------------------------------------ forward
 
     def run(self, x: Tensor, cond_BD: Tensor, *, mask: Tensor | None = None,
-            caches: list[KVCache] | None = None, drop_u: Tensor | None = None) -> Tensor:
+            caches: list[KVCache] | None = None, drop_u: Tensor | None = None, last: int | None = None) -> Tensor:
         """Logits (B, l, V), float32, of the embedded positions x (B, l, C) for class embeddings cond_BD (B, C).
 
         With caches, x's keys/values are appended to them and x attends to everything cached (an inference step
         for one scale: mask None; or the block-causal prefill of several scales: mask the block-causal (l, l)).
+        `last`: the logits of the last `last` positions only (a prefill needs those of its last scale).
         """
         cond = self.block_condition(cond_BD)
         for i, block in enumerate(self.blocks):
             x = block(x, cond, mask, None if caches is None else caches[i], None if drop_u is None else drop_u[:, i])
+        if last is not None:
+            x = x[:, x.shape[1] - last:]
         scale, shift = self.head_nm(cond_BD)
         return self.head(modulate(self.head_ln(x.float()), scale, shift).float()).float()
 

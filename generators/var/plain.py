@@ -187,8 +187,8 @@ def prefill(model: VAR, state: ScaleState, inputs: Sequence[Tensor]) -> Tensor:
     if x.shape[1] != end:
         raise ValueError(f"inputs of scales 1..{n} should hold {end - model.first_l} positions, "
                          f"got {x.shape[1] - model.first_l}")
-    logits = model.run(x, state.cond_BD, mask=model.attn_mask[:end, :end], caches=state.caches)
-    return logits[:, model.begin_ends[n][0]:]
+    begin = model.begin_ends[n][0]
+    return model.run(x, state.cond_BD, mask=model.attn_mask[:end, :end], caches=state.caches, last=end - begin)
 
 
 def finish(model: VAR, state: ScaleState, more_smooth: bool) -> Tokens:

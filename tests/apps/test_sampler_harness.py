@@ -45,3 +45,25 @@ def test_peak_memory_is_reset_per_run():
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], env=run_env(), capture_output=True, text=True, check=True)
     before, during, after = map(float, out.stdout.split())
     assert during - before > 200 and after < during - 200
+
+
+def test_tensor_peak_counts_what_is_live_at_once():
+    """The CPU tensor peak is the high-water mark of live tensors: two 8 MB tensors alive together count 16 MB,
+    one freed before the next is allocated counts 8; weights are counted by tensor_mb."""
+    from apps.benchmarks.sampler_harness import tensor_mb, tensor_peak_mb
+
+    cpu = torch.device("cpu")
+    n = 2 * 2**20  # float32: 8 MB
+
+    def together():
+        a = torch.ones(n)
+        b = torch.ones(n)
+        return (a + b).sum()  # a third 8 MB tensor while both live
+
+    def one_after_another():
+        for _ in range(3):
+            torch.ones(n).sum()
+
+    assert 23.5 < tensor_peak_mb(together, cpu) < 26
+    assert 7.5 < tensor_peak_mb(one_after_another, cpu) < 10
+    assert tensor_mb(torch.nn.Linear(1024, 1024)) == (1024 * 1024 + 1024) * 4 / 2**20
