@@ -266,13 +266,13 @@ def sample_categorical(probs: Tensor, generator: torch.Generator, num_samples: i
 
     Returns a LongTensor of shape `probs.shape[:-1] + (num_samples,)`, like VAR's sampler and
     LlamaGen's `idx`. With one sample, replacement does not change the distribution (VAR passes
-    True, LlamaGen leaves torch's default False). One sample from CPU float32 rows is drawn by
-    `_multinomial_one_cpu`: torch.multinomial's draws, bit for bit, in about half its time.
+    True, LlamaGen leaves torch's default False). One sample from sparse CPU float32 rows (after top-k or
+    top-p) is drawn by `_multinomial_one_cpu`: torch.multinomial's draws, bit for bit, in about half its
+    time.
     """
     _check_generator(generator, probs.device)
     flat = probs.reshape(-1, probs.shape[-1])
-    if (num_samples == 1 and flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous()
-            and flat.numel() and _valid_distributions(flat)):
+    if num_samples == 1 and _sparse_cpu_rows(flat):
         drawn = _multinomial_one_cpu(flat, generator)
     else:
         drawn = torch.multinomial(flat, num_samples, replacement=replacement, generator=generator)
@@ -280,11 +280,19 @@ def sample_categorical(probs: Tensor, generator: torch.Generator, num_samples: i
 
 
 _DRAW_BLOCK = 1 << 19  # uniform doubles drawn at a time by _multinomial_one_cpu (4 MB)
+_SPARSE_DRAW_MIN = 8192  # entries below which torch.multinomial's one call is quicker
 
 
-def _valid_distributions(flat: Tensor) -> bool:
-    """torch.multinomial's own checks (finite, >= 0, every row's sum > 0); a failing input goes to it for its
-    error message."""
+def _sparse_cpu_rows(flat: Tensor) -> bool:
+    """Whether `_multinomial_one_cpu` pays off: CPU float32 rows (contiguous, at least _SPARSE_DRAW_MIN
+    entries) of which at most a quarter are not zero, as after top-k or top-p (a dense distribution needs a
+    logarithm of every entry either way), and valid for torch.multinomial (finite, >= 0, every row's sum
+    > 0; an invalid one goes to it for its error message)."""
+    if not (flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous()
+            and flat.numel() >= _SPARSE_DRAW_MIN):
+        return False
+    if 4 * int(torch.count_nonzero(flat)) > flat.numel():
+        return False
     return bool((flat.max() < math.inf) & (flat.min() >= 0) & (flat.sum(-1) > 0).all())
 
 

@@ -275,9 +275,12 @@ def test_sample_categorical_shapes_and_frequencies():
     assert chi_square_test(draws, probs.double()) > 0.01
 
 
-def test_cpu_single_draw_is_torch_multinomial_draw_for_draw():
-    """sample_categorical's CPU path (uniform doubles, log1p only where p > 0) gives torch.multinomial's draws
-    and leaves the generator where torch.multinomial would: peaked and flat rows, zeros, denormals, V = 1."""
+def test_cpu_single_draw_is_torch_multinomial_draw_for_draw(monkeypatch):
+    """The CPU draw (uniform doubles, log1p only where p > 0) gives torch.multinomial's draws and leaves the
+    generator where torch.multinomial would: peaked and flat rows, zeros, denormals, V = 1, several blocks of
+    rows; sample_categorical takes it for sparse rows only."""
+    from generators import sampling
+
     g = _generator(3)
     logits = torch.randn(300, 512, generator=g) * torch.rand(300, 1, generator=g) * 12
     peaked = filter_logits(logits, top_p=0.9, top_p_style="var").softmax(-1)
@@ -285,17 +288,21 @@ def test_cpu_single_draw_is_torch_multinomial_draw_for_draw():
     sparse = torch.zeros(64, 33)
     sparse[torch.arange(64), torch.arange(64) % 33] = 1.0
     sparse[::2, 5] = 1e-42  # a denormal probability still counts as > 0
-    cases = [peaked, flat, sparse, torch.ones(8, 1), peaked[:1, None].expand(1, 2, 512).contiguous()]
-    for probs in cases:
+    monkeypatch.setattr(sampling, "_DRAW_BLOCK", 5000)  # peaked: 31 blocks of 9 rows and one of 3
+    for probs in (peaked, flat, sparse, torch.ones(8, 1)):
         for seed in (0, 1):
             ours, theirs = _generator(seed), _generator(seed)
-            drawn = sample_categorical(probs, ours)
-            flat_probs = probs.reshape(-1, probs.shape[-1])
-            expected = torch.multinomial(flat_probs, 1, replacement=True, generator=theirs)
-            assert torch.equal(drawn.reshape(-1, 1), expected)
+            expected = torch.multinomial(probs, 1, replacement=True, generator=theirs)
+            assert torch.equal(sampling._multinomial_one_cpu(probs, ours), expected)
             assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
+    taken = []
+    monkeypatch.setattr(sampling, "_multinomial_one_cpu", lambda p, gen: taken.append(p.shape) or torch.multinomial(p, 1, generator=gen))
+    for probs in (peaked.view(30, 10, 512), flat, torch.zeros(300, 512).index_fill_(1, torch.tensor([0]), 1.0)):
+        assert torch.equal(sample_categorical(probs, _generator(0)).view(-1, 1),
+                           torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=_generator(0)))
+    assert taken == [(300, 512), (300, 512)]  # not the dense rows
     with pytest.raises(RuntimeError):  # invalid rows get torch's own error
-        sample_categorical(torch.zeros(2, 4), _generator(0))
+        sample_categorical(torch.zeros(20, 512), _generator(0))
 
 
 def test_exponential_from_uniform_matches_the_c_library_at_float32_midpoints():
