@@ -134,6 +134,8 @@ def _top_p_mask(logits: Tensor, top_p: float, style: str) -> Tensor:
     are the `count` smallest: every token below the largest removed value t, and of the tokens equal to t
     the ones at the highest vocabulary positions (the rule's tie order). Rows whose largest logit is not
     finite (where the rule's softmax is NaN) go through the full rule."""
+    if logits.device.type == "mps":  # keep to the plain rule there (searchsorted's MPS support varies)
+        return _TOP_P_MASKS[style](logits, top_p)
     V = logits.shape[-1]
     rows = logits.reshape(-1, V).contiguous()
     ascending = _sorted_ascending(rows)
