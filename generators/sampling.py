@@ -27,6 +27,7 @@ target's p and the draft's q with it, so both went through the same temperature 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -295,7 +296,23 @@ def _sparse_cpu_rows(flat: Tensor) -> bool:
         return False
     if 4 * int(torch.count_nonzero(flat)) > flat.numel():
         return False
-    return bool((flat.max() < math.inf) & (flat.min() >= 0) & (flat.sum(-1) > 0).all())
+    valid = bool((flat.max() < math.inf) & (flat.min() >= 0) & (flat.sum(-1) > 0).all())
+    return valid and _draws_as_torch()
+
+
+@functools.cache
+def _draws_as_torch() -> bool:
+    """Whether this torch draws as `_multinomial_one_cpu` reproduces it (its CPU `exponential_` and
+    `multinomial` kernels), checked once per process on fixed inputs; if not, torch.multinomial is used."""
+    ours, theirs = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(1234)
+    q = torch.empty(1 << 16).exponential_(generator=theirs)
+    if not torch.equal(_exponential_from_uniform(torch.empty(1 << 16, dtype=torch.float64).uniform_(generator=ours)), q):
+        return False
+    probs = (torch.randn(64, 512, generator=ours) * 4).softmax(-1)
+    probs = probs * (probs >= probs.topk(8, dim=-1).values[:, -1:])  # sparse, unnormalised rows
+    theirs.set_state(ours.get_state())
+    drawn = torch.multinomial(probs, 1, replacement=True, generator=theirs)
+    return torch.equal(_multinomial_one_cpu(probs, ours), drawn) and torch.equal(ours.get_state(), theirs.get_state())
 
 
 def _exponential_from_uniform(u: Tensor) -> Tensor:

@@ -295,12 +295,16 @@ def test_cpu_single_draw_is_torch_multinomial_draw_for_draw(monkeypatch):
             expected = torch.multinomial(probs, 1, replacement=True, generator=theirs)
             assert torch.equal(sampling._multinomial_one_cpu(probs, ours), expected)
             assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
+    assert sampling._draws_as_torch()  # this torch's kernels are the ones reproduced (checked once, here)
     taken = []
     monkeypatch.setattr(sampling, "_multinomial_one_cpu", lambda p, gen: taken.append(p.shape) or torch.multinomial(p, 1, generator=gen))
     for probs in (peaked.view(30, 10, 512), flat, torch.zeros(300, 512).index_fill_(1, torch.tensor([0]), 1.0)):
         assert torch.equal(sample_categorical(probs, _generator(0)).view(-1, 1),
                            torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=_generator(0)))
     assert taken == [(300, 512), (300, 512)]  # not the dense rows
+    monkeypatch.setattr(sampling, "_draws_as_torch", lambda: False)  # another torch: its own multinomial
+    sample_categorical(peaked, _generator(0))
+    assert len(taken) == 2
     with pytest.raises(RuntimeError):  # invalid rows get torch's own error
         sample_categorical(torch.zeros(20, 512), _generator(0))
 
