@@ -2,8 +2,9 @@
 
 The drafter `var-mnist` (6 blocks) samples alone with the plain sampler, and CoDe lets it draft the first N of
 the 6 scales (1, 2, 3, 4, 6, 8) before the refiner `var-mnist-refiner` (2 blocks) generates the rest. The
-refiner is CoDe's specialised one: `var-mnist-small` fine-tuned on scales 3..5 only with distillation from
-`var-mnist` (`--train-scales 3:6 --teacher var-mnist`; its index entry has the command). Same labels, seeds and sampling settings (the
+refiner is CoDe's specialised one: `var-mnist-small` fine-tuned on scales 3..5, then 4..5 only, with
+distillation from `var-mnist` (`--train-scales 3:6`, then `4:6`, `--teacher var-mnist`; its index entry has the
+commands), so N = 4 is its setting. Same labels, seeds and sampling settings (the
 drafter's own defaults) for every run (apps/benchmarks/sampler_harness.py). For each N in DRAFT_STEPS:
 
 - `speedup_n{N}`: the large model's wall time over CoDe's for a batch of 100 digits (10 of each), the median of
