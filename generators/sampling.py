@@ -306,7 +306,8 @@ def _draws_as_torch() -> bool:
     `multinomial` kernels), checked once per process on fixed inputs; if not, torch.multinomial is used."""
     ours, theirs = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(1234)
     q = torch.empty(1 << 16).exponential_(generator=theirs)
-    if not torch.equal(_exponential_from_uniform(torch.empty(1 << 16, dtype=torch.float64).uniform_(generator=ours)), q):
+    u = torch.empty(1 << 16, dtype=torch.float64).uniform_(generator=ours)
+    if not torch.equal(_exponential_from_uniform(u), q):
         return False
     probs = (torch.randn(64, 512, generator=ours) * 4).softmax(-1)
     probs = probs * (probs >= probs.topk(8, dim=-1).values[:, -1:])  # sparse, unnormalised rows

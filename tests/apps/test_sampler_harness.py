@@ -48,8 +48,8 @@ def test_peak_memory_is_reset_per_run():
 
 
 def test_tensor_peak_counts_what_is_live_at_once():
-    """The CPU tensor peak is the high-water mark of live tensors: two 8 MB tensors alive together count 16 MB,
-    one freed before the next is allocated counts 8; weights are counted by tensor_mb."""
+    """The CPU tensor peak is the high-water mark of live tensors: two 8 MB tensors and their sum alive together
+    count 24 MB, three freed one before the next is allocated count 8; weights are counted by tensor_mb."""
     from apps.benchmarks.sampler_harness import tensor_mb, tensor_peak_mb
 
     cpu = torch.device("cpu")

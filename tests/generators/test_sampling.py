@@ -297,7 +297,12 @@ def test_cpu_single_draw_is_torch_multinomial_draw_for_draw(monkeypatch):
             assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
     assert sampling._draws_as_torch()  # this torch's kernels are the ones reproduced (checked once, here)
     taken = []
-    monkeypatch.setattr(sampling, "_multinomial_one_cpu", lambda p, gen: taken.append(p.shape) or torch.multinomial(p, 1, generator=gen))
+
+    def spy(p, gen):
+        taken.append(p.shape)
+        return torch.multinomial(p, 1, generator=gen)
+
+    monkeypatch.setattr(sampling, "_multinomial_one_cpu", spy)
     for probs in (peaked.view(30, 10, 512), flat, torch.zeros(300, 512).index_fill_(1, torch.tensor([0]), 1.0)):
         assert torch.equal(sample_categorical(probs, _generator(0)).view(-1, 1),
                            torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=_generator(0)))
