@@ -56,10 +56,10 @@ def tensor_peak_mb(fn, device: torch.device) -> float:
     memory the C library keeps, and libraries loaded on first use)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return peak_memory_mb(device)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

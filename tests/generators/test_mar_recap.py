@@ -13,9 +13,9 @@ temperature 0.9; three cheap steps after two full-only steps with constant guida
 step); no cheap steps with linear guidance 3 (the official last-step scale). All sampled tokens agreed to
 2.6e-7 relative (max abs 0.0114 on tokens of magnitude up to 5.4e4: the random head blows them up, and the
 official diffusion gathers its coefficients in float32; on another CPU, with other float32 kernels, our tokens
-are off the recorded ones by up to 0.04, so the test allows 4e-6 of the largest token). diff_fast_ratio is 0.5 in every case: the official
-code builds its fast diffusion at the first call, a full step, so every official run uses 0.5 whatever it is
-passed (see generators/mar/recap.py). The repository holds no official code.
+are off the recorded ones by up to 0.04, so the test allows 4e-6 of the largest token). diff_fast_ratio is 0.5
+in every case: the official code builds its fast diffusion at the first call, a full step, so every official
+run uses 0.5 whatever it is passed (see generators/mar/recap.py). The repository holds no official code.
 """
 import math
 
